@@ -1,0 +1,283 @@
+"""Batch normalisation over (N, H, W) per channel (Ioffe & Szegedy, arXiv:1502.03167).
+
+Legend: N batch, C channels, H W spatial size, M = N*H*W values per channel.
+
+Training mode (batch statistics):
+    mean = sum x / M,   var = sum (x - mean)^2 / M,   rstd = 1 / sqrt(var + eps)
+    xhat = (x - mean) * rstd,   y = weight * xhat + bias
+    running_mean <- (1 - momentum) * running_mean + momentum * mean
+    running_var  <- (1 - momentum) * running_var  + momentum * var * M / (M - 1)   (unbiased)
+    num_batches_tracked <- num_batches_tracked + 1
+  ``momentum=None`` uses torch's cumulative average: momentum = 1 / num_batches_tracked.
+  Backward:  dbias = sum dy,  dweight = sum dy * xhat,
+             dx = weight * rstd / M * (M * dy - dbias - xhat * dweight)
+
+Eval mode (running statistics, a fixed affine map per channel):
+    alpha = weight / sqrt(running_var + eps),  beta = bias - running_mean * alpha
+    y = x * alpha + beta
+  Backward: dx = dy * alpha, dweight = sum dy * xhat, dbias = sum dy.
+
+torch's defaults are eps=1e-5, momentum=0.1; MobileNetV3 uses eps=1e-3, momentum=0.01
+(torchvision ``mobilenetv3.py``: ``partial(nn.BatchNorm2d, eps=0.001, momentum=0.01)``).
+Kernels never touch their inputs: the forward returns the new running statistics as a
+``BatchNormStats`` next to ``(out, cache)``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit, prange
+
+from ._checks import check_array, check_shape, choose_impl
+
+
+class BatchNormStats(NamedTuple):
+    running_mean: np.ndarray | None   # (C,)
+    running_var: np.ndarray | None    # (C,)
+    num_batches_tracked: int
+
+
+class BatchNormCache(NamedTuple):
+    x: np.ndarray          # (N, C, H, W) input; backward recomputes xhat from it
+    weight: np.ndarray     # (C,)
+    mean: np.ndarray       # (C,) batch mean (train) or running mean (eval)
+    rstd: np.ndarray       # (C,) 1 / sqrt(var + eps) of the same statistics
+    training: bool
+
+
+def _check_args(x, weight, bias, running_mean, running_var, training):
+    check_array("x", x, ndim=4)
+    C = x.shape[1]
+    for name, a in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if a is None and name in ("running_mean", "running_var") and training:
+            continue
+        if a is None:
+            raise ValueError(f"{name} is required{'' if training else ' in eval mode'}")
+        check_array(name, a, ndim=1, dtype=x.dtype)
+        check_shape(name, a, (C,), f"one per channel of x {x.shape}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be given or both be None")
+    M = x.shape[0] * x.shape[2] * x.shape[3]
+    if training and M <= 1:
+        raise ValueError(f"training-mode batch norm needs more than 1 value per channel, "
+                         f"x has shape {x.shape}")
+
+
+def _new_stats(mean, var, M, running_mean, running_var, momentum, nbt):
+    """Running-statistics update, torch convention (unbiased variance, see module docstring)."""
+    nbt = int(nbt) + 1
+    if running_mean is None:
+        return BatchNormStats(None, None, nbt)
+    m = 1.0 / nbt if momentum is None else momentum
+    dt = running_mean.dtype
+    new_mean = ((1 - m) * running_mean + m * mean).astype(dt)
+    new_var = ((1 - m) * running_var + m * var * (M / (M - 1))).astype(dt)
+    return BatchNormStats(new_mean, new_var, nbt)
+
+
+def _eval_affine(weight, bias, mean, var, eps):
+    """alpha, beta of eval mode, rounded like torch's CPU kernel (REFERENCE.md §1.12)."""
+    dt = weight.dtype
+    rstd = (1 / np.sqrt(var + dt.type(eps))).astype(dt)
+    alpha = rstd * weight
+    # beta = fma(-mean, alpha, bias): exact product, one rounding (float64 holds the product).
+    beta = (-(mean.astype(np.float64)) * alpha + bias).astype(dt)
+    return rstd, alpha, beta
+
+
+# ----------------------------------------------------------------------------- naive
+
+def batchnorm_forward_naive(x, weight, bias, running_mean, running_var, *, training,
+                            momentum=0.1, eps=1e-5, num_batches_tracked=0):
+    """Batch norm as the formulas read. Returns ``(out, cache, BatchNormStats)``."""
+    _check_args(x, weight, bias, running_mean, running_var, training)
+    bc = (None, slice(None), None, None)                       # (C,) -> (1, C, 1, 1)
+    if training:
+        M = x.shape[0] * x.shape[2] * x.shape[3]
+        mean = x.mean(axis=(0, 2, 3))                           # (C,)
+        var = ((x - mean[bc]) ** 2).mean(axis=(0, 2, 3))        # (C,) biased
+        rstd = 1 / np.sqrt(var + x.dtype.type(eps))             # (C,)
+        xhat = (x - mean[bc]) * rstd[bc]                        # (N, C, H, W)
+        out = weight[bc] * xhat + bias[bc]
+        stats = _new_stats(mean, var, M, running_mean, running_var, momentum,
+                           num_batches_tracked)
+        return out, BatchNormCache(x, weight, mean, rstd, True), stats
+    rstd, alpha, beta = _eval_affine(weight, bias, running_mean, running_var, eps)
+    out = (x.astype(np.float64) * alpha[bc] + beta[bc]).astype(x.dtype)  # fma, like torch
+    stats = BatchNormStats(running_mean, running_var, int(num_batches_tracked))
+    return out, BatchNormCache(x, weight, running_mean, rstd, False), stats
+
+
+def batchnorm_backward_naive(dout, cache: BatchNormCache):
+    """Returns ``(dx, dweight, dbias)``; see the module docstring for the formulas."""
+    x, weight, mean, rstd, training = cache
+    _check_dout(dout, x)
+    bc = (None, slice(None), None, None)
+    M = x.shape[0] * x.shape[2] * x.shape[3]
+    xhat = (x - mean[bc]) * rstd[bc]
+    dbias = dout.sum(axis=(0, 2, 3))
+    dweight = (dout * xhat).sum(axis=(0, 2, 3))
+    if training:
+        dx = (weight * rstd / M)[bc] * (M * dout - dbias[bc] - xhat * dweight[bc])
+    else:
+        dx = dout * (weight * rstd)[bc]
+    return dx.astype(x.dtype), dweight, dbias
+
+
+def _check_dout(dout, x):
+    check_array("dout", dout, ndim=4, dtype=x.dtype)
+    check_shape("dout", dout, x.shape, "the forward output's shape")
+
+
+# ----------------------------------------------------------------------------- fast (Numba)
+# One task per channel; sums accumulate in float64 (per-row partial sums in the input dtype).
+
+def _bn_stats_loops(x, mean, var):
+    N, C, H, W = x.shape
+    M = N * H * W
+    for c in prange(C):
+        s = 0.0
+        for n in range(N):
+            for i in range(H):
+                r = x[n, c, i, 0] * 0
+                for j in range(W):
+                    r += x[n, c, i, j]
+                s += r
+        mu = s / M
+        q = 0.0
+        for n in range(N):
+            for i in range(H):
+                for j in range(W):
+                    t = x[n, c, i, j] - mu
+                    q += t * t
+        mean[c] = mu
+        var[c] = q / M
+
+
+def _bn_affine_loops(x, alpha, beta, out):
+    N, C, H, W = x.shape
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        a = np.float64(alpha[c])
+        b = np.float64(beta[c])
+        for i in range(H):
+            for j in range(W):
+                out[n, c, i, j] = a * x[n, c, i, j] + b          # fma emulated in float64
+
+
+def _bn_grad_sums_loops(x, dout, mean, rstd, dweight, dbias):
+    N, C, H, W = x.shape
+    for c in prange(C):
+        sb = 0.0
+        sw = 0.0
+        mu = np.float64(mean[c])
+        for n in range(N):
+            for i in range(H):
+                for j in range(W):
+                    g = np.float64(dout[n, c, i, j])
+                    sb += g
+                    sw += g * (x[n, c, i, j] - mu)
+        dbias[c] = sb
+        dweight[c] = sw * rstd[c]
+
+
+def _bn_train_dx_loops(x, dout, mean, k, dbias, dweight_over_rstd2, dx):
+    # dx = k * (M*dy - dbias - (x - mean) * rstd^2 * dweight_raw), k = weight*rstd/M
+    N, C, H, W = x.shape
+    M = N * H * W
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        kc = k[c]
+        mu = mean[c]
+        sb = dbias[c]
+        sq = dweight_over_rstd2[c]
+        for i in range(H):
+            for j in range(W):
+                dx[n, c, i, j] = kc * (M * np.float64(dout[n, c, i, j]) - sb
+                                       - (x[n, c, i, j] - mu) * sq)
+
+
+def _bn_eval_dx_loops(dout, alpha, dx):
+    N, C, H, W = dout.shape
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        a = alpha[c]
+        for i in range(H):
+            for j in range(W):
+                dx[n, c, i, j] = dout[n, c, i, j] * a
+
+
+_par = njit(cache=True, parallel=True)
+_bn_stats = _par(_bn_stats_loops)
+_bn_affine = _par(_bn_affine_loops)
+_bn_grad_sums = _par(_bn_grad_sums_loops)
+_bn_train_dx = _par(_bn_train_dx_loops)
+_bn_eval_dx = _par(_bn_eval_dx_loops)
+
+
+def batchnorm_forward_fast(x, weight, bias, running_mean, running_var, *, training,
+                           momentum=0.1, eps=1e-5, num_batches_tracked=0):
+    """Same contract as ``batchnorm_forward_naive``; fused Numba passes, float64 sums."""
+    _check_args(x, weight, bias, running_mean, running_var, training)
+    x = np.ascontiguousarray(x)
+    C = x.shape[1]
+    out = np.empty_like(x)
+    if training:
+        M = x.shape[0] * x.shape[2] * x.shape[3]
+        mean64, var64 = np.empty(C), np.empty(C)
+        _bn_stats(x, mean64, var64)
+        rstd64 = 1 / np.sqrt(var64 + eps)
+        alpha = rstd64 * weight
+        beta = bias - mean64 * alpha
+        _bn_affine(x, alpha, beta, out)
+        dt = x.dtype
+        stats = _new_stats(mean64, var64, M, running_mean, running_var, momentum,
+                           num_batches_tracked)
+        cache = BatchNormCache(x, weight, mean64.astype(dt), rstd64.astype(dt), True)
+        return out, cache, stats
+    rstd, alpha, beta = _eval_affine(weight, bias, running_mean, running_var, eps)
+    _bn_affine(x, alpha, beta, out)
+    stats = BatchNormStats(running_mean, running_var, int(num_batches_tracked))
+    return out, BatchNormCache(x, weight, running_mean, rstd, False), stats
+
+
+def batchnorm_backward_fast(dout, cache: BatchNormCache):
+    """Same contract as ``batchnorm_backward_naive``: ``(dx, dweight, dbias)``."""
+    x, weight, mean, rstd, training = cache
+    _check_dout(dout, x)
+    dout = np.ascontiguousarray(dout)
+    C = x.shape[1]
+    dt = x.dtype
+    dweight64, dbias64 = np.empty(C), np.empty(C)
+    _bn_grad_sums(x, dout, mean, rstd, dweight64, dbias64)
+    dx = np.empty_like(x)
+    if training:
+        M = x.shape[0] * x.shape[2] * x.shape[3]
+        r64 = rstd.astype(np.float64)
+        k = weight * r64 / M
+        _bn_train_dx(x, dout, mean, k, dbias64, dweight64 * r64, dx)
+    else:
+        _bn_eval_dx(dout, weight * rstd, dx)
+    return dx, dweight64.astype(dt), dbias64.astype(dt)
+
+
+# ----------------------------------------------------------------------------- public API
+
+def batchnorm_forward(x, weight, bias, running_mean, running_var, *, training, momentum=0.1,
+                      eps=1e-5, num_batches_tracked=0, impl="fast"):
+    """Batch norm of x (N, C, H, W) with per-channel weight/bias/running stats (C,).
+
+    Returns ``(out, cache, BatchNormStats)``; in training mode the stats are the updated running
+    statistics (None when ``running_mean``/``running_var`` are None), in eval mode the inputs.
+    """
+    f = choose_impl(impl, batchnorm_forward_fast, batchnorm_forward_naive)
+    return f(x, weight, bias, running_mean, running_var, training=training, momentum=momentum,
+             eps=eps, num_batches_tracked=num_batches_tracked)
+
+
+def batchnorm_backward(dout, cache, *, impl="fast"):
+    """Gradients of ``batchnorm_forward``: ``(dx, dweight, dbias)``."""
+    return choose_impl(impl, batchnorm_backward_fast, batchnorm_backward_naive)(dout, cache)
