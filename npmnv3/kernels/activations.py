@@ -46,8 +46,8 @@ class ActCache(NamedTuple):
 # ----------------------------------------------------------------------------- naive (NumPy)
 
 def relu_forward_naive(x):
-    """y = max(x, 0)."""
-    return np.maximum(x, 0), ActCache(x)
+    """y = max(x, 0); like torch, -0.0 and NaN pass through unchanged."""
+    return np.where(x < 0, 0, x).astype(x.dtype), ActCache(x)
 
 
 def relu_backward_naive(dout, cache):
@@ -56,8 +56,8 @@ def relu_backward_naive(dout, cache):
 
 
 def relu6_forward_naive(x):
-    """y = min(max(x, 0), 6)."""
-    return np.minimum(np.maximum(x, 0), 6), ActCache(x)
+    """y = min(max(x, 0), 6); like torch, -0.0 and NaN pass through unchanged."""
+    return np.where(x < 0, 0, np.where(x > 6, 6, x)).astype(x.dtype), ActCache(x)
 
 
 def relu6_backward_naive(dout, cache):

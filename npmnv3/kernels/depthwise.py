@@ -13,14 +13,16 @@ Backward:  dx[n, c, i*s+u*d-p, j*s+v*d-p] += w[c, u, v] dout[n, c, i, j]
            db[c] = sum_{n, i, j} dout[n, c, i, j]
 
 The naive version is the formula as kH*kW shifted multiply-adds over whole arrays. The fast
-version is a Numba loop that never pads (it clips each row to the valid range instead) and
-computes dx, dw and db in a single pass over dout.
+version is a Numba loop over (n, c) planes in a flattened polyphase layout (explained above
+``_dw_fwd_loops``) where every kernel tap is one contiguous multiply-add; backward computes dx,
+dw and db in a single pass over dout.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -99,79 +101,142 @@ def depthwise_backward_naive(dout, cache: DepthwiseCache):
 
 # ----------------------------------------------------------------------------- fast (Numba)
 
-def _valid_cols_py(v, s, p, d, W, Wo):
-    """Output columns j whose input column j*s + v*d - p lies inside [0, W): range(lo, hi)."""
-    a = p - v * d
-    lo = max(0, -((-a) // s))                  # ceil(a / s)
-    hi = min(Wo, (W - 1 + a) // s + 1)
-    return lo, hi
+def _chunks(total, per_thread=8):
+    """Split ``total`` planes into a few contiguous chunks so scratch buffers are allocated once
+    per chunk, not once per plane (an allocation costs as much as a 7x7 plane's arithmetic)."""
+    return max(1, min(total, per_thread * numba.get_num_threads()))
 
 
-_valid_cols = njit(cache=True)(_valid_cols_py)
+# The fast kernels work on one (n, c) plane at a time in a "wide" flattened layout:
+#
+# * The plane is zero-padded and split into s*s stride phases ("polyphase"): phase (a, b) holds
+#   the padded pixels (r, q) with r % s == a, q % s == b, as an (Hh, Wh) array stored flat. For
+#   s = 1 there is one phase: the padded plane itself.
+# * The output is computed as a flat vector of length L = (Ho-1)*Wh + Wo with row stride Wh:
+#   output (i, j) sits at i*Wh + j; the Wh - Wo slots after each row are scratch.
+# * Kernel tap (u, v) then reads one *contiguous* slice of one phase:
+#       acc[0:L] += w[u, v] * phase[(u*d) % s, (v*d) % s][off : off + L],
+#       off = (u*d // s) * Wh + (v*d // s)
+#   so every tap is a single long vectorisable loop, whatever the stride and plane size.
+# Backward runs the same slices in reverse: dphase[off:off+L] += w[u, v] * dout_wide and
+# dw[u, v] += dot(dout_wide, phase[off:off+L]) (scratch slots of dout_wide are zero).
+
+def _to_phases(plane, s, p, Hh, Wh, ph):
+    """Scatter an (H, W) plane into ph (s*s, Hh*Wh): padded pixel (r, q) -> phase (r%s, q%s).
+
+    Row by row: the columns j with (j + p) % s == b form the strided slice plane[i, j0::s],
+    which lands contiguously in phase b's row. The zero border is never written.
+    """
+    H, W = plane.shape
+    for i in range(H):
+        r = i + p
+        row, base = (r % s) * s, (r // s) * Wh
+        for b in range(s):
+            j0 = (b - p) % s                        # first column with (j0 + p) % s == b
+            if j0 < W:
+                start = base + (j0 + p) // s
+                ph[row + b, start:start + (W - j0 + s - 1) // s] = plane[i, j0::s]
 
 
-def _dw_fwd_loops(x, w, b, s, p, d, out):
+def _from_phases(ph, s, p, Wh, plane):
+    """Gather the (H, W) interior of the padded plane back out of its phases."""
+    H, W = plane.shape
+    for i in range(H):
+        r = i + p
+        row, base = (r % s) * s, (r // s) * Wh
+        for b in range(s):
+            j0 = (b - p) % s
+            if j0 < W:
+                start = base + (j0 + p) // s
+                plane[i, j0::s] = ph[row + b, start:start + (W - j0 + s - 1) // s]
+
+
+def _tap_slice(ph, s, d, Wh, L, u, v):
+    """The L contiguous phase values that kernel tap (u, v) multiplies (see above)."""
+    off = (u * d // s) * Wh + (v * d // s)
+    return ph[((u * d) % s) * s + (v * d) % s][off:off + L]
+
+
+def _dw_fwd_loops(x, w, b, s, p, d, nchunks, out):
     N, C, H, W = x.shape
     kH, kW = w.shape[1], w.shape[2]
     Ho, Wo = out.shape[2], out.shape[3]
-    for nc in prange(N * C):
-        n, c = nc // C, nc % C
-        o = out[n, c]
-        o[:, :] = b[c]
-        for i in range(Ho):
+    Hh, Wh = (H + 2 * p + s - 1) // s, (W + 2 * p + s - 1) // s
+    L = (Ho - 1) * Wh + Wo
+    P = N * C
+    for chunk in prange(nchunks):
+        ph = np.zeros((s * s, Hh * Wh), dtype=x.dtype)        # zero border is never written
+        acc = np.empty(L, dtype=x.dtype)
+        for nc in range(chunk * P // nchunks, (chunk + 1) * P // nchunks):
+            n, c = nc // C, nc % C
+            _to_phases(x[n, c], s, p, Hh, Wh, ph)
+            acc[:] = b[c]
             for u in range(kH):
-                ii = i * s + u * d - p
-                if ii < 0 or ii >= H:
-                    continue
-                xrow = x[n, c, ii]
-                for v in range(kW):
+                v = 0
+                while v + 2 < kW:                # three taps of a kernel row per pass over acc
+                    w0, w1, w2 = w[c, u, v], w[c, u, v + 1], w[c, u, v + 2]
+                    s0 = _tap_slice(ph, s, d, Wh, L, u, v)
+                    s1 = _tap_slice(ph, s, d, Wh, L, u, v + 1)
+                    s2 = _tap_slice(ph, s, d, Wh, L, u, v + 2)
+                    for t in range(L):
+                        acc[t] += w0 * s0[t] + w1 * s1[t] + w2 * s2[t]
+                    v += 3
+                while v < kW:
                     wv = w[c, u, v]
-                    lo, hi = _valid_cols(v, s, p, d, W, Wo)
-                    off = v * d - p
-                    for j in range(lo, hi):
-                        o[i, j] += wv * xrow[j * s + off]
+                    src = _tap_slice(ph, s, d, Wh, L, u, v)
+                    for t in range(L):
+                        acc[t] += wv * src[t]
+                    v += 1
+            for i in range(Ho):
+                out[n, c, i, :] = acc[i * Wh:i * Wh + Wo]
 
 
-def _dw_bwd_loops(x, w, dout, s, p, d, dx, dw, db):
+def _dw_bwd_loops(x, w, dout, s, p, d, nchunks, dx, dw, db):
     N, C, H, W = x.shape
     kH, kW = w.shape[1], w.shape[2]
     Ho, Wo = dout.shape[2], dout.shape[3]
-    for c in prange(C):                        # one channel per task: no write conflicts
-        acc = np.zeros((kH, kW))               # float64 accumulators for dw[c]
-        bacc = 0.0
-        for n in range(N):
-            g = dout[n, c]
-            dxc = dx[n, c]
-            dxc[:, :] = 0
-            for i in range(Ho):
-                grow = g[i]
-                rsum = grow[0] * 0
-                for j in range(Wo):
-                    rsum += grow[j]
-                bacc += rsum
+    Hh, Wh = (H + 2 * p + s - 1) // s, (W + 2 * p + s - 1) // s
+    L = (Ho - 1) * Wh + Wo
+    for chunk in prange(nchunks):                 # chunks of channels: no write conflicts
+        ph = np.zeros((s * s, Hh * Wh), dtype=x.dtype)
+        dph = np.empty((s * s, Hh * Wh), dtype=x.dtype)
+        g = np.zeros(L, dtype=x.dtype)            # dout in the wide layout; scratch slots stay 0
+        for c in range(chunk * C // nchunks, (chunk + 1) * C // nchunks):
+            acc = np.zeros((kH, kW))              # float64 accumulators for dw[c]
+            bacc = 0.0
+            for n in range(N):
+                _to_phases(x[n, c], s, p, Hh, Wh, ph)
+                for i in range(Ho):
+                    g[i * Wh:i * Wh + Wo] = dout[n, c, i]
+                bacc += np.sum(dout[n, c])
+                dph[:, :] = 0
                 for u in range(kH):
-                    ii = i * s + u * d - p
-                    if ii < 0 or ii >= H:
-                        continue
-                    xrow = x[n, c, ii]
-                    dxrow = dxc[ii]
                     for v in range(kW):
                         wv = w[c, u, v]
-                        lo, hi = _valid_cols(v, s, p, d, W, Wo)
-                        off = v * d - p
-                        part = grow[0] * 0             # row partial sum in the input dtype
-                        for j in range(lo, hi):
-                            dxrow[j * s + off] += wv * grow[j]
-                            part += grow[j] * xrow[j * s + off]
+                        off = (u * d // s) * Wh + (v * d // s)
+                        k = ((u * d) % s) * s + (v * d) % s
+                        dst = dph[k][off:off + L]
+                        src = ph[k][off:off + L]
+                        part = g[0] * 0                   # dw partial sum, input dtype
+                        for t in range(L):
+                            dst[t] += wv * g[t]
+                            part += g[t] * src[t]
                         acc[u, v] += part
-        for u in range(kH):
-            for v in range(kW):
-                dw[c, u, v] = acc[u, v]
-        db[c] = bacc
+                _from_phases(dph, s, p, Wh, dx[n, c])
+            for u in range(kH):
+                for v in range(kW):
+                    dw[c, u, v] = acc[u, v]
+            db[c] = bacc
 
 
+_to_phases = njit(cache=True)(_to_phases)
+_from_phases = njit(cache=True)(_from_phases)
+_tap_slice = njit(cache=True, inline="always")(_tap_slice)
 _dw_fwd = njit(cache=True, parallel=True)(_dw_fwd_loops)
-_dw_bwd = njit(cache=True, parallel=True)(_dw_bwd_loops)
+# fastmath "reassoc" only lets LLVM vectorise the dw partial sum (a reduction, summed in a
+# different order); every other operation in the kernel has nothing to reassociate, and no
+# contraction into FMA is allowed, so dx keeps exactly the rounding of the plain loop.
+_dw_bwd = njit(cache=True, parallel=True, fastmath={"reassoc"})(_dw_bwd_loops)
 
 
 def depthwise_forward_fast(x, w, b=None, *, stride=1, padding=0, dilation=1):
@@ -182,7 +247,7 @@ def depthwise_forward_fast(x, w, b=None, *, stride=1, padding=0, dilation=1):
     w3 = np.ascontiguousarray(w[:, 0])                              # (C, kH, kW)
     bias = b if b is not None else np.zeros(C, dtype=x.dtype)
     out = np.empty((N, C, Ho, Wo), dtype=x.dtype)
-    _dw_fwd(xc, w3, bias, stride, padding, dilation, out)
+    _dw_fwd(xc, w3, bias, stride, padding, dilation, _chunks(N * C), out)
     return out, DepthwiseCache(x, w, b is not None, stride, padding, dilation)
 
 
@@ -196,7 +261,7 @@ def depthwise_backward_fast(dout, cache: DepthwiseCache):
     dx = np.empty_like(xc)
     dw3 = np.empty_like(w3)
     db = np.empty(C, dtype=x.dtype)
-    _dw_bwd(xc, w3, np.ascontiguousarray(dout), s, p, d, dx, dw3, db)
+    _dw_bwd(xc, w3, np.ascontiguousarray(dout), s, p, d, _chunks(C), dx, dw3, db)
     return dx, dw3.reshape(w.shape), (db if has_bias else None)
 
 
