@@ -1,0 +1,84 @@
+"""Shared test helpers: tolerances, the torch gate, random data, and comparison asserts."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from npmnv3.gradcheck import numerical_gradient, rel_error
+
+# Tolerances, as max|ours - torch| / max|torch| over a whole tensor (npmnv3.rel_error).
+# float32: different summation orders (BLAS/oneDNN vs NumPy/Numba) over sums of up to a few
+# thousand terms move results by a few ulp (~1e-7 relative); 1e-5 leaves two decades of margin.
+RTOL32 = 1e-5
+# float64: the same reordering costs ~1e-16..1e-14; 1e-10 catches any real formula error.
+RTOL64 = 1e-10
+# Central differences in float64 with h = 1e-6: truncation O(h^2) plus rounding eps/h ~ 1e-10,
+# relative to gradients of order one; 1e-6 is the usual bound for a correct backward.
+RTOL_FD = 1e-6
+
+
+def rtol_for(dtype) -> float:
+    return RTOL32 if np.dtype(dtype) == np.float32 else RTOL64
+
+
+def require_torch():
+    """Import torch for a reference test: skip without it, but fail in CI (CI=true)."""
+    try:
+        import torch
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("torch is required for the reference tests when CI=true "
+                        "(pip install -e '.[test]')")
+        pytest.skip("torch is not installed: reference tests skipped (pip install -e '.[test]')")
+    torch.set_num_threads(2)
+    return torch
+
+
+def require_torchvision():
+    """Import torchvision (and torch): skip without it, but fail in CI (CI=true)."""
+    require_torch()
+    try:
+        import torchvision
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("torchvision is required for the reference tests when CI=true")
+        pytest.skip("torchvision is not installed: reference tests skipped")
+    return torchvision
+
+
+def randn(rng, shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def assert_close(name, ours, ref, dtype, rtol=None):
+    """Assert rel_error(ours, ref) <= rtol, naming the tensor and the max abs difference."""
+    ref = ref.detach().numpy() if hasattr(ref, "detach") else np.asarray(ref)
+    ours = np.asarray(ours)
+    assert ours.shape == ref.shape, f"{name}: shape {ours.shape} != reference {ref.shape}"
+    assert ours.dtype == np.dtype(dtype), f"{name}: dtype {ours.dtype}, expected {dtype}"
+    tol = rtol_for(dtype) if rtol is None else rtol
+    err = rel_error(ours, ref)
+    assert err <= tol, (f"{name}: relative error {err:.3e} > {tol:.0e} "
+                        f"(max abs diff {np.abs(ours.astype(np.float64) - ref).max():.3e})")
+
+
+def fd_check(name, forward, args, index, analytic, dout, rtol=RTOL_FD, h=1e-6):
+    """Compare ``analytic`` with central differences of sum(forward(*args) * dout) wrt args[index].
+
+    ``forward`` returns the output (first element if a tuple). args are float64 and are
+    perturbed in place (a private copy is taken here).
+    """
+    args = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+
+    def f():
+        out = forward(*args)
+        out = out[0] if isinstance(out, tuple) else out
+        return float(np.sum(out * dout))
+
+    num = numerical_gradient(f, args[index], h=h)
+    err = rel_error(analytic, num)
+    assert err <= rtol, (f"{name}: finite-difference relative error {err:.3e} > {rtol:.0e} "
+                        f"(max abs diff {np.abs(analytic - num).max():.3e})")
