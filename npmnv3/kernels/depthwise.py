@@ -157,7 +157,7 @@ def _tap_slice(ph, s, d, Wh, L, u, v):
     return ph[((u * d) % s) * s + (v * d) % s][off:off + L]
 
 
-def _dw_fwd_loops(x, w, b, s, p, d, nchunks, out):
+def _dw_fwd_loops(x, w, b, s, p, d, nchunks, act, z, three, six, out):
     N, C, H, W = x.shape
     kH, kW = w.shape[1], w.shape[2]
     Ho, Wo = out.shape[2], out.shape[3]
@@ -188,7 +188,16 @@ def _dw_fwd_loops(x, w, b, s, p, d, nchunks, out):
                         acc[t] += wv * src[t]
                     v += 1
             for i in range(Ho):
-                out[n, c, i, :] = acc[i * Wh:i * Wh + Wo]
+                if act == 0:
+                    out[n, c, i, :] = acc[i * Wh:i * Wh + Wo]
+                else:                                   # fused activation (eval fast path)
+                    for j in range(Wo):
+                        v = acc[i * Wh + j]
+                        if act == 1:
+                            v = max(v, z)
+                        else:
+                            v = (v * min(max(v + three, z), six)) / six
+                        out[n, c, i, j] = v
 
 
 def _dw_bwd_loops(x, w, dout, s, p, d, nchunks, dx, dw, db):
@@ -239,15 +248,20 @@ _dw_fwd = njit(cache=True, parallel=True)(_dw_fwd_loops)
 _dw_bwd = njit(cache=True, parallel=True, fastmath={"reassoc"})(_dw_bwd_loops)
 
 
-def depthwise_forward_fast(x, w, b=None, *, stride=1, padding=0, dilation=1):
-    """Same contract as ``depthwise_forward_naive``; one Numba task per (n, c) plane."""
+def depthwise_forward_fast(x, w, b=None, *, stride=1, padding=0, dilation=1, act=0):
+    """Same contract as ``depthwise_forward_naive``; Numba tasks over chunks of (n, c) planes.
+
+    ``act`` (1 ReLU, 2 hard-swish) fuses an activation into the output pass; the fused eval
+    path uses it, and the cache then describes the convolution before the activation.
+    """
     Ho, Wo = _check_args(x, w, b, stride, padding, dilation)
     N, C = x.shape[:2]
     xc = np.ascontiguousarray(x)
     w3 = np.ascontiguousarray(w[:, 0])                              # (C, kH, kW)
     bias = b if b is not None else np.zeros(C, dtype=x.dtype)
     out = np.empty((N, C, Ho, Wo), dtype=x.dtype)
-    _dw_fwd(xc, w3, bias, stride, padding, dilation, _chunks(N * C), out)
+    t = x.dtype.type
+    _dw_fwd(xc, w3, bias, stride, padding, dilation, _chunks(N * C), act, t(0), t(3), t(6), out)
     return out, DepthwiseCache(x, w, b is not None, stride, padding, dilation)
 
 

@@ -1,0 +1,307 @@
+"""MobileNetV3 over the kernels: torchvision's modules, names, initialisation and numerics.
+
+``MobileNetV3(spec)`` holds parameters and buffers in flat dicts keyed by torchvision's
+state_dict names. ``forward`` walks the module tree of ``npmnv3.layers`` with the kernels of
+``npmnv3.kernels`` (the reference path: unfused, every module's output available, caches kept
+for backward). In eval mode with the fast kernels, ``forward`` instead runs ``npmnv3.fused``:
+batch norm folded into the convolutions, activations fused, the SE scale folded into the
+projection (same results to float rounding; tested against the reference path).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import kernels as K
+from .arch import NetSpec, preset_spec
+from .layers import (
+    ConvBNAct,
+    InvertedResidual,
+    SqueezeExcite,
+    build_modules,
+    state_dict_layout,
+)
+from .statedict import check_state_dict
+
+BN_EPS = 1e-3          # torchvision mobilenetv3.py: partial(nn.BatchNorm2d, eps=0.001, ...)
+BN_MOMENTUM = 0.01     # ... momentum=0.01
+
+
+class MobileNetV3:
+    """MobileNetV3 with torchvision's structure. Build with ``mobilenet_v3_large/small``."""
+
+    def __init__(self, spec: NetSpec, *, dropout: float = 0.2, dtype=np.float32,
+                 bn_eps: float = BN_EPS, bn_momentum: float = BN_MOMENTUM, seed=None,
+                 arch: dict | None = None):
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        self.spec, self.dtype, self.dropout = spec, dtype, float(dropout)
+        self.bn_eps, self.bn_momentum = bn_eps, bn_momentum
+        self.arch = dict(arch or {})
+        self.features, self.head = build_modules(spec, dropout)
+        self.layout = state_dict_layout(self.features, self.head)
+        self.params: dict[str, np.ndarray] = {}
+        self.buffers: dict[str, np.ndarray] = {}
+        self.grads: dict[str, np.ndarray] = {}
+        self.training = True              # like torch.nn.Module: train mode until .eval()
+        self.impl = "fast"
+        self._rng = np.random.default_rng(seed)
+        self._fused = None
+        self._tape = None
+        self._init_weights()
+
+    # ------------------------------------------------------------------ construction and state
+
+    def _init_weights(self):
+        """torchvision's initialisation (MobileNetV3.__init__): kaiming_normal_(fan_out) for
+        convs, ones/zeros for BN, N(0, 0.01) for linear weights, zero biases."""
+        rng = self._rng
+        for key, shape, kind in self.layout:
+            if kind == "buffer":
+                if key.endswith("num_batches_tracked"):
+                    self.buffers[key] = np.array(0, dtype=np.int64)
+                else:
+                    fill = 0.0 if key.endswith("running_mean") else 1.0
+                    self.buffers[key] = np.full(shape, fill, dtype=self.dtype)
+            elif len(shape) == 4:                      # conv: std = sqrt(2 / (K * kH * kW))
+                fan_out = shape[0] * shape[2] * shape[3]
+                self.params[key] = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_out)).astype(
+                    self.dtype)
+            elif key.startswith("classifier") and key.endswith("weight"):
+                self.params[key] = (rng.standard_normal(shape) * 0.01).astype(self.dtype)
+            elif key.endswith("weight"):               # BN gamma
+                self.params[key] = np.ones(shape, dtype=self.dtype)
+            else:                                      # every bias
+                self.params[key] = np.zeros(shape, dtype=self.dtype)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of every parameter and buffer, torchvision's keys in torchvision's order."""
+        return {k: (self.buffers[k] if kind == "buffer" else self.params[k]).copy()
+                for k, _, kind in self.layout}
+
+    def load_state_dict(self, sd: dict, strict: bool = True) -> dict:
+        """Load arrays by torchvision key; every problem is reported in one ``ValueError``.
+
+        Values are cast to the model's dtype (float32 checkpoints load into float64 models).
+        ``num_batches_tracked`` may be missing (older checkpoints); it is then set to 0.
+        Returns ``{"missing": [...], "unexpected": [...]}`` (both empty when ``strict``).
+        """
+        report = check_state_dict(sd, self.layout, strict=strict, arch=self.arch)
+        for key, _, kind in self.layout:
+            if key not in sd:
+                if key.endswith("num_batches_tracked"):
+                    self.buffers[key] = np.array(0, dtype=np.int64)
+                continue
+            v = np.asarray(sd[key])
+            if key.endswith("num_batches_tracked"):
+                self.buffers[key] = np.array(int(v), dtype=np.int64)
+            elif kind == "buffer":
+                self.buffers[key] = np.array(v, dtype=self.dtype)
+            else:
+                self.params[key] = np.array(v, dtype=self.dtype)
+        self._fused = None
+        return report
+
+    def named_parameters(self):
+        for key, _, kind in self.layout:
+            if kind == "param":
+                yield key, self.params[key]
+
+    def num_parameters(self) -> int:
+        return int(sum(p.size for _, p in self.named_parameters()))
+
+    def train(self, mode: bool = True):
+        self.training = bool(mode)
+        self._fused = None
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def module_names(self) -> list[str]:
+        """Every module name torchvision's ``named_modules()`` lists (except the root)."""
+        names = ["features"]
+        for m in self.features:
+            names.extend(m.module_names())
+        names.extend(self.head.module_names())
+        return names
+
+    # ------------------------------------------------------------------ forward
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def _check_input(self, x):
+        if not isinstance(x, np.ndarray):
+            raise ValueError(f"input must be a numpy array of shape (N, 3, H, W), got "
+                             f"{type(x).__name__}")
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"input must have shape (N, 3, H, W), got {x.shape}")
+        if x.dtype.kind != "f":
+            raise ValueError(f"input must be floating point, got dtype {x.dtype}")
+        if x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
+            raise ValueError(f"input must be non-empty, got shape {x.shape}")
+        return np.asarray(x, dtype=self.dtype)
+
+    def forward(self, x, *, rng=None):
+        """Logits (N, num_classes) for images x (N, 3, H, W). In train mode batch norm uses
+        batch statistics (and updates the running ones) and dropout draws from ``rng``."""
+        x = self._check_input(x)
+        if not self.training and self.impl == "fast":
+            from .fused import fused_forward
+            return fused_forward(self, x)
+        return self._reference_forward(x, rng=rng)[0]
+
+    def forward_intermediates(self, x, *, rng=None):
+        """``(logits, outputs)``: the output of every module torchvision names, by that name."""
+        x = self._check_input(x)
+        logits, outs = self._reference_forward(x, rng=rng, record=True)
+        return logits, outs
+
+    def forward_features(self, x, stages=(1, 2, 3, 4, 5)):
+        """Backbone feature maps at output strides 2, 4, 8, 16, 32 (``stages`` 1..5 pick
+        them): the last feature map at each resolution, as timm's ``features_only``."""
+        x = self._check_input(x)
+        for s in stages:
+            if s not in (1, 2, 3, 4, 5):
+                raise ValueError(f"stages must be among 1..5 (strides 2..32), got {s}")
+        _, outs = self._reference_forward(x, record=True, features_only=True)
+        picks, last_res = {}, None
+        for m in self.features:
+            y = outs[m.name]
+            res = y.shape[2:]
+            if res != last_res:
+                picks[len(picks) + 1] = y
+                last_res = res
+            else:
+                picks[len(picks)] = y
+        return [picks[s] for s in stages if s in picks]
+
+    def _reference_forward(self, x, rng=None, record=False, features_only=False):
+        """Walk the module tree with the kernels; keep caches (for backward) and outputs."""
+        outs = {} if record else None
+        tape = []
+        y = x
+        for m in self.features:
+            y = self._module_forward(m, y, outs, tape)
+        if outs is not None:
+            outs["features"] = y
+        if features_only:
+            return None, outs
+        logits = self._head_forward(y, outs, tape, rng)
+        self._tape = tape
+        return logits, outs
+
+    def _module_forward(self, m, x, outs, tape):
+        if isinstance(m, InvertedResidual):
+            y = x
+            for layer in m.layers:
+                y = self._module_forward(layer, y, outs, tape)
+            if outs is not None:
+                outs[f"{m.name}.block"] = y
+            if m.spec.use_residual:
+                y = y + x                                 # x fans out: block and skip
+                tape.append(("residual", m.name, None))
+            if outs is not None:
+                outs[m.name] = y
+            return y
+        if isinstance(m, SqueezeExcite):
+            return self._se_forward(m, x, outs, tape)
+        return self._conv_bn_act_forward(m, x, outs, tape)
+
+    def _conv_bn_act_forward(self, m: ConvBNAct, x, outs, tape):
+        p, b, impl = self.params, self.buffers, self.impl
+        w = p[f"{m.name}.0.weight"]
+        if m.kind == "depthwise":
+            y, c_conv = K.depthwise_forward(x, w, stride=m.stride, padding=m.padding,
+                                            dilation=m.dilation, impl=impl)
+        elif m.kind == "pointwise":
+            y, c_conv = K.pointwise_forward(x, w, impl=impl)
+        else:
+            y, c_conv = K.conv2d_forward(x, w, stride=m.stride, padding=m.padding,
+                                         dilation=m.dilation, groups=m.groups, impl=impl)
+        bn = f"{m.name}.1"
+        z, c_bn, stats = K.batchnorm_forward(
+            y, p[f"{bn}.weight"], p[f"{bn}.bias"], b[f"{bn}.running_mean"],
+            b[f"{bn}.running_var"], training=self.training, momentum=self.bn_momentum,
+            eps=self.bn_eps, num_batches_tracked=int(b[f"{bn}.num_batches_tracked"]), impl=impl)
+        if self.training:
+            b[f"{bn}.running_mean"], b[f"{bn}.running_var"] = stats.running_mean, \
+                stats.running_var
+            b[f"{bn}.num_batches_tracked"] = np.array(stats.num_batches_tracked, dtype=np.int64)
+        tape.append(("conv", m, c_conv))
+        tape.append(("bn", m, c_bn))
+        if outs is not None:
+            outs[f"{m.name}.0"], outs[f"{m.name}.1"] = y, z
+        if m.act:
+            z, c_act = K.activation_forward(m.act, z, impl=impl)
+            tape.append(("act", m, c_act))
+            if outs is not None:
+                outs[f"{m.name}.2"] = z
+        if outs is not None:
+            outs[m.name] = z
+        return z
+
+    def _se_forward(self, m: SqueezeExcite, x, outs, tape):
+        p = self.params
+        args = [p[f"{m.name}.{k}"] for k in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")]
+        y, cache = K.se_forward(x, *args, impl=self.impl)
+        tape.append(("se", m, cache))
+        if outs is not None:                     # SE's submodules, read off its cache
+            N, C = x.shape[:2]
+            S = m.squeeze
+            outs[f"{m.name}.avgpool"] = cache.fc1.x.reshape(N, C, 1, 1)
+            outs[f"{m.name}.fc1"] = cache.act.x.reshape(N, S, 1, 1)
+            outs[f"{m.name}.activation"] = cache.fc2.x.reshape(N, S, 1, 1)
+            outs[f"{m.name}.fc2"] = cache.gate_act.x.reshape(N, C, 1, 1)
+            outs[f"{m.name}.scale_activation"] = cache.gate.reshape(N, C, 1, 1)
+            outs[m.name] = y
+        return y
+
+    def _head_forward(self, x, outs, tape, rng):
+        p, impl = self.params, self.impl
+        pooled, c_pool = K.avgpool_forward(x, impl=impl)                # (N, C, 1, 1)
+        flat = pooled.reshape(pooled.shape[0], -1)                        # torch.flatten(x, 1)
+        h, c_fc0 = K.linear_forward(flat, p["classifier.0.weight"], p["classifier.0.bias"],
+                                    impl=impl)
+        a, c_act = K.hardswish_forward(h, impl=impl)
+        d, c_drop = K.dropout_forward(a, self.dropout, training=self.training, rng=rng, impl=impl)
+        logits, c_fc3 = K.linear_forward(d, p["classifier.3.weight"], p["classifier.3.bias"],
+                                         impl=impl)
+        tape.append(("head", self.head, (c_pool, c_fc0, c_act, c_drop, c_fc3)))
+        if outs is not None:
+            outs.update({"avgpool": pooled, "classifier.0": h, "classifier.1": a,
+                         "classifier.2": d, "classifier.3": logits, "classifier": logits})
+        return logits
+
+
+# ----------------------------------------------------------------------------- builders
+
+_BUILD_KEYS = ("num_classes", "width_mult", "reduced_tail", "dilated", "dropout", "dtype",
+               "seed")
+
+
+def _build(arch, *, num_classes=1000, width_mult=1.0, reduced_tail=False, dilated=False,
+           dropout=0.2, dtype=np.float32, seed=None, **unknown):
+    if unknown:
+        raise TypeError(f"mobilenet_v3_{arch}() got unknown keyword argument(s) "
+                        f"{sorted(unknown)}; accepted: {list(_BUILD_KEYS)}")
+    spec = preset_spec(arch, width_mult=width_mult, reduced_tail=reduced_tail, dilated=dilated,
+                       num_classes=num_classes)
+    meta = {"arch": arch, "num_classes": num_classes, "width_mult": width_mult,
+            "reduced_tail": reduced_tail, "dilated": dilated}
+    return MobileNetV3(spec, dropout=dropout, dtype=dtype, seed=seed, arch=meta)
+
+
+def mobilenet_v3_large(**kwargs) -> MobileNetV3:
+    """torchvision's ``mobilenet_v3_large`` (same keyword arguments and meaning; an unknown
+    keyword is an error). Extra: ``dtype`` (float32/float64), ``seed`` for the initialisation."""
+    return _build("large", **kwargs)
+
+
+def mobilenet_v3_small(**kwargs) -> MobileNetV3:
+    """torchvision's ``mobilenet_v3_small``; see ``mobilenet_v3_large``."""
+    return _build("small", **kwargs)

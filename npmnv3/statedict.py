@@ -1,0 +1,118 @@
+"""Checking a state_dict against a model's layout, and recognising what a checkpoint is.
+
+``check_state_dict`` collects every missing key, unexpected key and shape mismatch into one
+error, and adds a hint when the checkpoint looks like another variant (Small vs Large, another
+width, reduced tail, 1001 classes) or another library's key style (timm, mmpretrain,
+netspresso-trainer). ``infer_arch`` finds the torchvision builder arguments whose layout matches
+a checkpoint exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+WIDTHS = (0.35, 0.5, 0.75, 1.0, 1.25, 1.5)
+FOREIGN_STYLES = {                         # a key prefix that gives each library away
+    "timm": ("conv_stem.", "blocks.", "conv_head."),
+    "mmpretrain": ("backbone.layer0.", "backbone.layer1.", "head.layers."),
+    "netspresso-trainer": ("backbone.conv_first.", "backbone.stages."),
+}
+
+
+def _layout_for(arch, width_mult, reduced_tail, num_classes):
+    from .arch import preset_spec
+    from .layers import build_modules, state_dict_layout
+    spec = preset_spec(arch, width_mult=width_mult, reduced_tail=reduced_tail,
+                       num_classes=num_classes)
+    return state_dict_layout(*build_modules(spec))
+
+
+def foreign_style(keys) -> str | None:
+    keys = list(keys)
+    for name, prefixes in FOREIGN_STYLES.items():
+        if keys and sum(k.startswith(prefixes) for k in keys) >= len(keys) // 2:
+            return name
+    return None
+
+
+def infer_arch(sd: dict) -> dict | None:
+    """The torchvision builder arguments (arch, width_mult, reduced_tail, num_classes) whose
+    state_dict layout has exactly the keys and shapes of ``sd``, or None."""
+    w = sd.get("classifier.3.weight")
+    if w is None or np.ndim(w) != 2:
+        return None
+    num_classes = int(np.shape(w)[0])
+    shapes = {k: tuple(np.shape(v)) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    for arch in ("large", "small"):
+        for width in WIDTHS:
+            for reduced in (False, True):
+                layout = _layout_for(arch, width, reduced, num_classes)
+                want = {k: tuple(s) for k, s, _ in layout if not k.endswith("num_batches_tracked")}
+                if want == shapes:
+                    return {"arch": arch, "width_mult": width, "reduced_tail": reduced,
+                            "num_classes": num_classes}
+    return None
+
+
+def _describe(a: dict) -> str:
+    args = [f"width_mult={a['width_mult']}"] if a["width_mult"] != 1.0 else []
+    if a["reduced_tail"]:
+        args.append("reduced_tail=True")
+    if a["num_classes"] != 1000:
+        args.append(f"num_classes={a['num_classes']}")
+    return f"mobilenet_v3_{a['arch']}({', '.join(args)})"
+
+
+def _hint(sd: dict, arch: dict | None) -> str:
+    style = foreign_style(sd)
+    if style:
+        return (f"hint: the keys look like a {style} checkpoint; convert it to torchvision's "
+                f"names first (npmnv3 convert --from {style})")
+    found = infer_arch(sd)
+    if found:
+        return f"hint: this checkpoint matches {_describe(found)}"
+    w = sd.get("classifier.3.weight")
+    if w is not None and np.ndim(w) == 2 and np.shape(w)[0] == 1001:
+        return ("hint: 1001 classes: a TF-style checkpoint with a background class; build the "
+                "model with num_classes=1001")
+    return ""
+
+
+def check_state_dict(sd: dict, layout, *, strict: bool = True, arch: dict | None = None) -> dict:
+    """Compare ``sd`` with ``layout`` [(key, shape, kind)]; raise one ValueError listing every
+    problem (missing keys, unexpected keys, shape mismatches) when there are any."""
+    if not isinstance(sd, dict):
+        raise ValueError(f"state_dict must be a dict of arrays, got {type(sd).__name__}")
+    want = {k: tuple(s) for k, s, _ in layout}
+    missing = [k for k in want if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in want]
+    problems = []
+    for k, s in want.items():
+        if k in sd:
+            try:
+                v = np.asarray(sd[k])
+            except Exception:                               # noqa: BLE001 - reported below
+                problems.append(f"  {k}: not an array ({type(sd[k]).__name__})")
+                continue
+            if v.dtype.kind not in "fiub":
+                problems.append(f"  {k}: dtype {v.dtype} is not numeric")
+            elif tuple(v.shape) != s and not (k.endswith("num_batches_tracked") and v.size == 1):
+                problems.append(f"  {k}: checkpoint {tuple(v.shape)} vs model {s}")
+            elif v.dtype.kind == "f" and not np.all(np.isfinite(v)):
+                problems.append(f"  {k}: contains NaN or infinity")
+    if problems or (strict and (missing or unexpected)):
+        lines = []
+        if missing:
+            lines.append(f"missing keys ({len(missing)}): " + ", ".join(missing[:8])
+                         + (" ..." if len(missing) > 8 else ""))
+        if unexpected:
+            lines.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:8])
+                         + (" ..." if len(unexpected) > 8 else ""))
+        if problems:
+            lines.append(f"shape/dtype mismatches ({len(problems)}):")
+            lines.extend(problems[:12] + (["  ..."] if len(problems) > 12 else []))
+        model = _describe(arch) if arch and "arch" in arch else "this model"
+        hint = _hint(sd, arch)
+        raise ValueError(f"state_dict does not fit {model}:\n" + "\n".join(lines)
+                         + (f"\n{hint}" if hint else ""))
+    return {"missing": missing, "unexpected": unexpected}
