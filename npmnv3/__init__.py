@@ -23,9 +23,16 @@ elif "OPENBLAS_THREAD_TIMEOUT" not in _os.environ:
 from . import kernels  # noqa: E402
 from .checkpoint import CheckpointError, load_pth  # noqa: E402
 from .gradcheck import numerical_gradient, rel_error  # noqa: E402
-from .model import MobileNetV3, mobilenet_v3_large, mobilenet_v3_small  # noqa: E402
+from .model import (  # noqa: E402
+    MobileNetV3,
+    config_path,
+    mobilenet_v3_from_config,
+    mobilenet_v3_large,
+    mobilenet_v3_small,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "MobileNetV3", "kernels", "load_pth", "mobilenet_v3_large",
-           "mobilenet_v3_small", "numerical_gradient", "rel_error", "__version__"]
+__all__ = ["CheckpointError", "MobileNetV3", "config_path", "kernels", "load_pth",
+           "mobilenet_v3_from_config", "mobilenet_v3_large", "mobilenet_v3_small",
+           "numerical_gradient", "rel_error", "__version__"]

@@ -262,18 +262,3 @@ def load_stage_params(path) -> tuple[list, int | None]:
     if data is None:
         raise ValueError(f"{path}: no stage_params found")
     return data, last
-
-
-def to_stage_params(rows) -> list[dict]:
-    """The inverse of ``from_stage_params`` for table rows: one stage per output resolution."""
-    stages, cur = [], None
-    for row in rows:
-        if cur is None or row.s == 2:
-            cur = {f: [] for f in STAGE_FIELDS}
-            cur["dilation"] = []
-            stages.append(cur)
-        for f, v in zip(STAGE_FIELDS, (row.cin, row.k, row.exp, row.cout, bool(row.se),
-                                       {"RE": "relu", "HS": "hard_swish"}[row.act], row.s)):
-            cur[f].append(v)
-        cur["dilation"].append(row.d)
-    return stages

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels as K
-from .arch import NetSpec, preset_spec
+from .arch import NetSpec, from_stage_params, load_stage_params, preset_spec
 from .layers import (
     ConvBNAct,
     InvertedResidual,
@@ -305,3 +305,37 @@ def mobilenet_v3_large(**kwargs) -> MobileNetV3:
 def mobilenet_v3_small(**kwargs) -> MobileNetV3:
     """torchvision's ``mobilenet_v3_small``; see ``mobilenet_v3_large``."""
     return _build("small", **kwargs)
+
+
+def mobilenet_v3_from_config(config, *, last_channel: int | None = None, num_classes=1000,
+                             dropout=0.2, dtype=np.float32, seed=None) -> MobileNetV3:
+    """A MobileNetV3 from a netspresso-trainer style ``stage_params`` description.
+
+    ``config`` is a YAML/JSON file path, or the ``stage_params`` list itself (stages of parallel
+    lists: in_channels, kernel_sizes, expanded_channels, out_channels, use_se, act_type,
+    stride, optional dilation). ``last_channel`` (the classifier's hidden width) comes from the
+    argument, else from the file (``last_channel`` or netspresso's head
+    ``intermediate_channels``). ``npmnv3/configs/mobilenet_v3_{large,small}.yaml`` build exactly
+    the presets. Invalid configs raise ValueError naming the stage and field.
+    """
+    source = None
+    if isinstance(config, (str, bytes)) or hasattr(config, "__fspath__"):
+        source = str(config)
+        stage_params, file_last = load_stage_params(config)
+        last_channel = last_channel if last_channel is not None else file_last
+    else:
+        stage_params = config
+    if last_channel is None:
+        raise ValueError("last_channel (the classifier's hidden width, 1280 for Large, 1024 for "
+                         "Small) is not in the config: pass last_channel=...")
+    spec = from_stage_params(stage_params, last_channel, num_classes=num_classes)
+    meta = {"arch": "custom", "num_classes": num_classes, "config": source}
+    return MobileNetV3(spec, dropout=dropout, dtype=dtype, seed=seed, arch=meta)
+
+
+def config_path(arch: str) -> str:
+    """Path of the packaged stage_params YAML of a preset ("large" or "small")."""
+    from importlib.resources import files
+    if arch not in ("large", "small"):
+        raise ValueError(f"unknown preset {arch!r}; expected 'large' or 'small'")
+    return str(files("npmnv3") / "configs" / f"mobilenet_v3_{arch}.yaml")
