@@ -3,13 +3,16 @@
 In eval mode batch norm is a fixed per-channel affine map, so conv followed by BN is one conv:
     BN(conv(x, W)) = conv(x, W * alpha) + beta,   alpha = gamma / sqrt(var + eps),
                                                   beta  = bias - mean * alpha
-(per output channel). Each Conv-BN-Act then becomes one GEMM (or depthwise pass) followed by a
-single fused ``act(y + beta)`` pass, the SE gate is folded into the projection weights
-(``W @ (x * g) = (W * g) @ x`` per image), and the residual add rides along with the
-projection's bias. Results equal the reference path (``MobileNetV3`` with ``impl="naive"`` or in
-train mode) up to float rounding; ``tests/test_model.py`` checks both against torchvision.
-The folded weights are computed when first needed after ``eval()``/``load_state_dict()``; call
-``model.eval()`` again after editing parameters in place.
+(per output channel). Each Conv-BN-Act becomes one GEMM (or one depthwise pass) plus a fused
+``act(y + beta)`` pass; the SE squeeze is summed inside the depthwise pass; the residual add rides
+along with the projection's bias.
+
+Layout: activations are kept channel-major, (C, N, H, W) ("CNHW"), inside this path, so every
+1x1 convolution of the whole batch is a single GEMM, W (K, C) @ X (C, N*H*W), with no transposes
+(NCHW would need one small GEMM per image). Only the input (NCHW) and the logits leave it.
+Results equal the reference path up to float rounding; ``tests/test_model.py`` checks both
+against torchvision. Folded weights are computed when first needed after ``eval()`` or
+``load_state_dict()``; call ``model.eval()`` again after editing parameters in place.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .kernels.conv2d import conv2d_forward_fast
-from .kernels.depthwise import depthwise_forward_fast
+from .kernels.conv2d import direct_conv_forward
+from .kernels.depthwise import _chunks, _dw_fwd
 from .layers import ConvBNAct, InvertedResidual, SqueezeExcite
 
 ACT_CODES = {None: 0, "relu": 1, "hardswish": 2}
@@ -73,34 +76,47 @@ def _fold(model):
     return folded
 
 
-def _conv_bn_act(m: ConvBNAct, x, folded, res=None, gate=None):
+def _conv_bn_act(m: ConvBNAct, x, folded, res=None, pool=None):
+    """One folded Conv-BN-Act on a CNHW tensor x (C, N, H, W) -> (K, N, Ho, Wo)."""
     w, beta = folded[m.name]
-    N, C, H, W = x.shape
+    C, N, H, W = x.shape
+    t = x.dtype.type
     if m.kind == "pointwise":
         K = w.shape[0]
-        w2 = w.reshape(K, C)
-        if gate is not None:                                   # SE folded into the weights
-            w2 = w2[None, :, :] * gate[:, None, :]             # (N, K, C)
-        y = np.matmul(w2, x.reshape(N, C, H * W)).reshape(N, K, H, W)
-        return bias_act_(y, beta, m.act, res)
+        y = (w.reshape(K, C) @ x.reshape(C, N * H * W)).reshape(K, N, H, W)   # one GEMM
+        return bias_act_(y[None], beta, m.act, None if res is None else res[None])[0]
     if m.kind == "depthwise":
-        y, _ = depthwise_forward_fast(x, w, beta, stride=m.stride, padding=m.padding,
-                                      dilation=m.dilation, act=ACT_CODES[m.act])
+        Ho = (H + 2 * m.padding - m.dilation * (m.k - 1) - 1) // m.stride + 1
+        Wo = (W + 2 * m.padding - m.dilation * (m.k - 1) - 1) // m.stride + 1
+        y = np.empty((C, N, Ho, Wo), dtype=x.dtype)
+        _dw_fwd(x.reshape(C * N, H, W), np.ascontiguousarray(w[:, 0]), beta, m.stride,
+                m.padding, m.dilation, N, _chunks(C * N), ACT_CODES[m.act], t(0), t(3), t(6),
+                pool.reshape(-1) if pool is not None else np.empty(0, x.dtype),
+                y.reshape(C * N, Ho, Wo))
         return y
-    y, _ = conv2d_forward_fast(x, w, None, stride=m.stride, padding=m.padding,
-                               dilation=m.dilation, groups=m.groups)
-    return bias_act_(y, beta, m.act, res)
+    raise ValueError(f"{m.name}: no fused kernel for a {m.kind} convolution")
 
 
-def _se_gate(m: SqueezeExcite, x, p):
-    """The SE gate g (N, C): hardsigmoid(fc2(relu(fc1(mean(x)))))."""
-    N, C = x.shape[:2]
-    t = x.dtype.type
-    s = x.reshape(N, C, -1).mean(axis=2, dtype=np.float64).astype(x.dtype)    # (N, C)
-    h = s @ p[f"{m.name}.fc1.weight"].reshape(-1, C).T + p[f"{m.name}.fc1.bias"]
-    h = np.maximum(h, t(0))
-    z = h @ p[f"{m.name}.fc2.weight"].reshape(C, -1).T + p[f"{m.name}.fc2.bias"]
-    return np.minimum(np.maximum(z + t(3), t(0)), t(6)) / t(6)
+def _se_gate(m: SqueezeExcite, pooled, p):
+    """The SE gate g (C, N) from the squeezed input pooled (C, N)."""
+    C = pooled.shape[0]
+    t = pooled.dtype.type
+    h = p[f"{m.name}.fc1.weight"].reshape(-1, C) @ pooled + p[f"{m.name}.fc1.bias"][:, None]
+    h = np.maximum(h, t(0))                                                   # (S, N)
+    z = p[f"{m.name}.fc2.weight"].reshape(C, -1) @ h + p[f"{m.name}.fc2.bias"][:, None]
+    return np.minimum(np.maximum(z + t(3), t(0)), t(6)) / t(6)                # (C, N)
+
+
+def _scale_planes_loops(x, g):
+    """In place: plane q of x (P, L) times g[q]."""
+    P, L = x.shape
+    for q in prange(P):
+        gq = g[q]
+        for i in range(L):
+            x[q, i] *= gq
+
+
+_scale_planes = njit(cache=True, parallel=True)(_scale_planes_loops)
 
 
 def fused_forward(model, x):
@@ -108,22 +124,29 @@ def fused_forward(model, x):
     if model._fused is None:
         model._fused = _fold(model)
     folded, p = model._fused, model.params
-    y = x
-    for m in model.features:
+    stem = model.features[0]
+    w, beta = folded[stem.name]
+    y = direct_conv_forward(x, w, beta, stride=stem.stride, padding=stem.padding,
+                            dilation=stem.dilation, act=ACT_CODES[stem.act], kfirst=True)
+    N = x.shape[0]
+    for m in model.features[1:]:
         if not isinstance(m, InvertedResidual):
             y = _conv_bn_act(m, y, folded)
             continue
-        inp, gate = y, None
-        layers = m.layers
-        for layer in layers[:-1]:
+        inp, layers = y, m.layers
+        for i, layer in enumerate(layers[:-1]):
             if isinstance(layer, SqueezeExcite):
-                gate = _se_gate(layer, y, p)
-            else:
-                y = _conv_bn_act(layer, y, folded)
-        y = _conv_bn_act(layers[-1], y, folded, res=inp if m.spec.use_residual else None,
-                         gate=gate)
-    N, C = y.shape[:2]
-    pooled = y.reshape(N, C, -1).mean(axis=2, dtype=np.float64).astype(y.dtype)
-    h = pooled @ p["classifier.0.weight"].T
-    bias_act_(h[:, :, None], p["classifier.0.bias"], "hardswish")
-    return h @ p["classifier.3.weight"].T + p["classifier.3.bias"]
+                continue
+            se_next = isinstance(layers[i + 1], SqueezeExcite)
+            pooled = np.empty((layer.cout, N), dtype=y.dtype) if se_next else None
+            y = _conv_bn_act(layer, y, folded, pool=pooled)
+            if se_next:                                           # squeeze-and-excite
+                g = _se_gate(layers[i + 1], pooled, p)
+                _scale_planes(y.reshape(y.shape[0] * N, -1), g.reshape(-1))
+        y = _conv_bn_act(layers[-1], y, folded, res=inp if m.spec.use_residual else None)
+    C = y.shape[0]
+    pooled = y.reshape(C, N, -1).mean(axis=2, dtype=np.float64).astype(y.dtype)   # (C, N)
+    h = p["classifier.0.weight"] @ pooled                                         # (1280, N)
+    bias_act_(h[None], p["classifier.0.bias"], "hardswish")         # dropout: identity in eval
+    logits = p["classifier.3.weight"] @ h + p["classifier.3.bias"][:, None]        # (1000, N)
+    return np.ascontiguousarray(logits.T)

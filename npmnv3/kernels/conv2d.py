@@ -16,9 +16,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numba
 import numpy as np
+from numba import njit, prange
 
 from ._checks import check_array, check_conv_geometry, check_positive_int, check_shape, choose_impl
+from .depthwise import _tap_slice, _to_phases
 
 
 class Conv2dCache(NamedTuple):
@@ -132,8 +135,66 @@ def _im2col(x, kH, kW, Ho, Wo, s, p, d, groups):
     return cols.reshape(N, groups, (C // groups) * kH * kW, Ho * Wo)    # (N, G, Cg*kH*kW, L) copy
 
 
+DIRECT_MAX_TAPS = 32    # C*kH*kW up to this (the 3x3 stem: 27) -> direct loop, not im2col
+
+
+def _direct_conv_loops(x, w, b, s, p, d, kgroups, kfirst, act, z, three, six, out):
+    """Dense conv for few input channels in the polyphase layout of ``depthwise.py``: per image,
+    each input plane is split into stride phases once; each output plane then accumulates
+    C*kH*kW contiguous tap slices. ``out`` is (N, K, Ho, Wo), or (K, N, Ho, Wo) if ``kfirst``;
+    ``act`` fuses 0 none / 1 ReLU / 2 hard-swish. Tasks: (image, group of output channels)."""
+    N, C, H, W = x.shape
+    K, _, kH, kW = w.shape
+    Ho, Wo = out.shape[2], out.shape[3]
+    Hh, Wh = (H + 2 * p + s - 1) // s, (W + 2 * p + s - 1) // s
+    L = (Ho - 1) * Wh + Wo
+    for task in prange(N * kgroups):
+        n, g = task // kgroups, task % kgroups
+        ph = np.zeros((C, s * s, Hh * Wh), dtype=x.dtype)
+        acc = np.empty(L, dtype=x.dtype)
+        for c in range(C):
+            _to_phases(x[n, c], s, p, Hh, Wh, ph[c])
+        for k in range(g * K // kgroups, (g + 1) * K // kgroups):
+            acc[:] = b[k]
+            for c in range(C):
+                for u in range(kH):
+                    for v in range(kW):
+                        wv = w[k, c, u, v]
+                        src = _tap_slice(ph[c], s, d, Wh, L, u, v)
+                        for t in range(L):
+                            acc[t] += wv * src[t]
+            o = out[k, n] if kfirst else out[n, k]
+            for i in range(Ho):
+                for j in range(Wo):
+                    val = acc[i * Wh + j]
+                    if act == 1:
+                        val = max(val, z)
+                    elif act == 2:
+                        val = (val * min(max(val + three, z), six)) / six
+                    o[i, j] = val
+
+
+_direct_conv = njit(cache=True, parallel=True)(_direct_conv_loops)
+
+
+def direct_conv_forward(x, w, b, *, stride, padding, dilation, act=0, kfirst=False):
+    """Run ``_direct_conv`` (groups = 1, few input channels); returns the output array."""
+    N, C, H, W = x.shape
+    K, _, kH, kW = w.shape
+    Ho = (H + 2 * padding - dilation * (kH - 1) - 1) // stride + 1
+    Wo = (W + 2 * padding - dilation * (kW - 1) - 1) // stride + 1
+    out = np.empty((K, N, Ho, Wo) if kfirst else (N, K, Ho, Wo), dtype=x.dtype)
+    bias = b if b is not None else np.zeros(K, dtype=x.dtype)
+    kgroups = max(1, min(K, (4 * numba.get_num_threads() + N - 1) // N))
+    t = x.dtype.type
+    _direct_conv(np.ascontiguousarray(x), np.ascontiguousarray(w), bias, stride, padding,
+                 dilation, kgroups, kfirst, act, t(0), t(3), t(6), out)
+    return out
+
+
 def conv2d_forward_fast(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1):
-    """Convolution as one matrix multiply per image and group: out = W @ im2col(x) + b.
+    """Convolution as one matrix multiply per image and group: out = W @ im2col(x) + b
+    (few input channels, like the 3-channel stem: the direct polyphase loop instead).
 
     Returns ``(out (N, K, Ho, Wo), Conv2dCache)``, the same as ``conv2d_forward_naive``.
     """
@@ -142,6 +203,9 @@ def conv2d_forward_fast(x, w, b=None, *, stride=1, padding=0, dilation=1, groups
     K, Cg, kH, kW = w.shape
     if kH == kW == 1 and stride == 1 and padding == 0 and groups == 1:
         out, _ = pointwise_forward_fast(x, w, b)
+        return out, Conv2dCache(x, w, b is not None, stride, padding, dilation, groups)
+    if groups == 1 and Cg * kH * kW <= DIRECT_MAX_TAPS:                   # e.g. the stem
+        out = direct_conv_forward(x, w, b, stride=stride, padding=padding, dilation=dilation)
         return out, Conv2dCache(x, w, b is not None, stride, padding, dilation, groups)
     cols = _im2col(x, kH, kW, Ho, Wo, stride, padding, dilation, groups)  # (N, G, Cg*kH*kW, L)
     wm = w.reshape(groups, K // groups, Cg * kH * kW)                     # (G, Kg, Cg*kH*kW)

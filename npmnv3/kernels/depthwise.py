@@ -157,19 +157,22 @@ def _tap_slice(ph, s, d, Wh, L, u, v):
     return ph[((u * d) % s) * s + (v * d) % s][off:off + L]
 
 
-def _dw_fwd_loops(x, w, b, s, p, d, nchunks, act, z, three, six, out):
-    N, C, H, W = x.shape
-    kH, kW = w.shape[1], w.shape[2]
-    Ho, Wo = out.shape[2], out.shape[3]
+def _dw_fwd_loops(x, w, b, s, p, d, cdiv, nchunks, act, z, three, six, pool, out):
+    """x (P, H, W) planes -> out (P, Ho, Wo); plane q uses channel (q // cdiv) % C, so the same
+    loop serves NCHW (cdiv = 1) and the fused path's channel-major CNHW (cdiv = N). ``act``
+    fuses 0 none / 1 ReLU / 2 hard-swish; if ``pool`` has P entries it receives each output
+    plane's mean (the SE squeeze, for free)."""
+    P, H, W = x.shape
+    C, kH, kW = w.shape
+    Ho, Wo = out.shape[1], out.shape[2]
     Hh, Wh = (H + 2 * p + s - 1) // s, (W + 2 * p + s - 1) // s
     L = (Ho - 1) * Wh + Wo
-    P = N * C
     for chunk in prange(nchunks):
         ph = np.zeros((s * s, Hh * Wh), dtype=x.dtype)        # zero border is never written
         acc = np.empty(L, dtype=x.dtype)
-        for nc in range(chunk * P // nchunks, (chunk + 1) * P // nchunks):
-            n, c = nc // C, nc % C
-            _to_phases(x[n, c], s, p, Hh, Wh, ph)
+        for q in range(chunk * P // nchunks, (chunk + 1) * P // nchunks):
+            c = (q // cdiv) % C
+            _to_phases(x[q], s, p, Hh, Wh, ph)
             acc[:] = b[c]
             for u in range(kH):
                 v = 0
@@ -187,9 +190,10 @@ def _dw_fwd_loops(x, w, b, s, p, d, nchunks, act, z, three, six, out):
                     for t in range(L):
                         acc[t] += wv * src[t]
                     v += 1
+            total = 0.0
             for i in range(Ho):
                 if act == 0:
-                    out[n, c, i, :] = acc[i * Wh:i * Wh + Wo]
+                    out[q, i, :] = acc[i * Wh:i * Wh + Wo]
                 else:                                   # fused activation (eval fast path)
                     for j in range(Wo):
                         v = acc[i * Wh + j]
@@ -197,7 +201,14 @@ def _dw_fwd_loops(x, w, b, s, p, d, nchunks, act, z, three, six, out):
                             v = max(v, z)
                         else:
                             v = (v * min(max(v + three, z), six)) / six
-                        out[n, c, i, j] = v
+                        out[q, i, j] = v
+                if pool.size:
+                    rsum = z
+                    for j in range(Wo):
+                        rsum += out[q, i, j]
+                    total += rsum
+            if pool.size:
+                pool[q] = total / (Ho * Wo)
 
 
 def _dw_bwd_loops(x, w, dout, s, p, d, nchunks, dx, dw, db):
@@ -251,8 +262,8 @@ _dw_bwd = njit(cache=True, parallel=True, fastmath={"reassoc"})(_dw_bwd_loops)
 def depthwise_forward_fast(x, w, b=None, *, stride=1, padding=0, dilation=1, act=0):
     """Same contract as ``depthwise_forward_naive``; Numba tasks over chunks of (n, c) planes.
 
-    ``act`` (1 ReLU, 2 hard-swish) fuses an activation into the output pass; the fused eval
-    path uses it, and the cache then describes the convolution before the activation.
+    ``act`` (1 ReLU, 2 hard-swish) fuses an activation into the output pass (the cache then
+    describes the convolution before the activation).
     """
     Ho, Wo = _check_args(x, w, b, stride, padding, dilation)
     N, C = x.shape[:2]
@@ -261,7 +272,9 @@ def depthwise_forward_fast(x, w, b=None, *, stride=1, padding=0, dilation=1, act
     bias = b if b is not None else np.zeros(C, dtype=x.dtype)
     out = np.empty((N, C, Ho, Wo), dtype=x.dtype)
     t = x.dtype.type
-    _dw_fwd(xc, w3, bias, stride, padding, dilation, _chunks(N * C), act, t(0), t(3), t(6), out)
+    _dw_fwd(xc.reshape(N * C, *xc.shape[2:]), w3, bias, stride, padding, dilation, 1,
+            _chunks(N * C), act, t(0), t(3), t(6), np.empty(0, x.dtype),
+            out.reshape(N * C, Ho, Wo))
     return out, DepthwiseCache(x, w, b is not None, stride, padding, dilation)
 
 
