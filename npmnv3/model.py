@@ -146,14 +146,91 @@ class MobileNetV3:
             raise ValueError(f"input must be non-empty, got shape {x.shape}")
         return np.asarray(x, dtype=self.dtype)
 
-    def forward(self, x, *, rng=None):
+    def forward(self, x, *, rng=None, keep_cache=None):
         """Logits (N, num_classes) for images x (N, 3, H, W). In train mode batch norm uses
-        batch statistics (and updates the running ones) and dropout draws from ``rng``."""
+        batch statistics (and updates the running ones) and dropout draws from ``rng``.
+
+        ``keep_cache`` (default: in train mode) walks the reference path and keeps every
+        kernel's cache so that ``backward`` can follow; in eval mode the default is the fused
+        fast path, which keeps nothing.
+        """
         x = self._check_input(x)
-        if not self.training and self.impl == "fast":
+        keep = self.training if keep_cache is None else bool(keep_cache)
+        self._tape = None
+        if not keep and not self.training and self.impl == "fast":
             from .fused import fused_forward
             return fused_forward(self, x)
         return self._reference_forward(x, rng=rng)[0]
+
+    # ------------------------------------------------------------------ backward
+
+    def zero_grad(self):
+        """Forget accumulated gradients (``named_grads`` then yields zeros)."""
+        self.grads = {}
+
+    def named_grads(self):
+        """(name, gradient) for every parameter, torchvision's names; zeros if none yet."""
+        for key, p in self.named_parameters():
+            yield key, self.grads.get(key, np.zeros_like(p))
+
+    def _accumulate(self, key, g):
+        self.grads[key] = self.grads[key] + g if key in self.grads else g
+
+    def backward(self, dlogits):
+        """Back-propagate dL/dlogits (N, num_classes) through the last cached forward.
+
+        Parameter gradients are *added* to ``self.grads`` (like torch's ``.grad``; see
+        ``zero_grad``); returns dL/dx (N, 3, H, W). Where a tensor fans out (the residual skip,
+        SE's input) the branch gradients are summed explicitly. The cache is released after.
+        """
+        tape = self._tape
+        if tape is None:
+            raise RuntimeError("backward needs the caches of a forward pass: call "
+                               "model.forward(x) in train mode, or model.forward(x, "
+                               "keep_cache=True) in eval mode, first (once per backward)")
+        N = tape[0][2].x.shape[0]
+        dy = np.asarray(dlogits)
+        if dy.shape != (N, self.spec.num_classes):
+            raise ValueError(f"dlogits must have shape {(N, self.spec.num_classes)}, got "
+                             f"{dy.shape}")
+        dy = dy.astype(self.dtype, copy=False)
+        impl, skips = self.impl, []
+        for kind, m, cache in reversed(tape):
+            if kind == "head":
+                dy = self._head_backward(dy, cache)
+            elif kind == "act":
+                dy = K.activation_backward(m.act, dy, cache, impl=impl)
+            elif kind == "bn":
+                dy, dw, db = K.batchnorm_backward(dy, cache, impl=impl)
+                self._accumulate(f"{m.name}.1.weight", dw)
+                self._accumulate(f"{m.name}.1.bias", db)
+            elif kind == "conv":
+                back = {"depthwise": K.depthwise_backward, "pointwise": K.pointwise_backward,
+                        "conv": K.conv2d_backward}[m.kind]
+                dy, dw, _ = back(dy, cache, impl=impl)
+                self._accumulate(f"{m.name}.0.weight", dw)
+            elif kind == "se":
+                dy, *g = K.se_backward(dy, cache, impl=impl)
+                for k, gk in zip(("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"), g):
+                    self._accumulate(f"{m.name}.{k}", gk)
+            elif kind == "residual":         # y = block(x) + x: dy reaches the skip as is
+                skips.append(dy)
+            elif kind == "skip_from":        # x fed block and skip: add the two gradients
+                dy = dy + skips.pop()
+        self._tape = None
+        return dy
+
+    def _head_backward(self, dy, cache):
+        c_pool, c_fc0, c_act, c_drop, c_fc3 = cache
+        impl = self.impl
+        dd, dw3, db3 = K.linear_backward(dy, c_fc3, impl=impl)
+        da = K.dropout_backward(dd, c_drop, impl=impl)
+        dh = K.hardswish_backward(da, c_act, impl=impl)
+        dflat, dw0, db0 = K.linear_backward(dh, c_fc0, impl=impl)
+        for k, g in (("3.weight", dw3), ("3.bias", db3), ("0.weight", dw0), ("0.bias", db0)):
+            self._accumulate(f"classifier.{k}", g)
+        N, C = dflat.shape
+        return K.avgpool_backward(dflat.reshape(N, C, 1, 1), c_pool, impl=impl)
 
     def forward_intermediates(self, x, *, rng=None):
         """``(logits, outputs)``: the output of every module torchvision names, by that name."""
@@ -197,6 +274,8 @@ class MobileNetV3:
 
     def _module_forward(self, m, x, outs, tape):
         if isinstance(m, InvertedResidual):
+            if m.spec.use_residual:
+                tape.append(("skip_from", m.name, None))
             y = x
             for layer in m.layers:
                 y = self._module_forward(layer, y, outs, tape)
