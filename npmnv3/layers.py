@@ -56,8 +56,8 @@ class ConvBNAct:
 
 @dataclass
 class SqueezeExcite:
-    """torchvision ``SqueezeExcitation``: avgpool, fc1, activation (ReLU), fc2,
-    scale_activation (hard-sigmoid)."""
+    """torchvision ``SqueezeExcitation``: avgpool, fc1, fc2, activation (ReLU, between fc1 and
+    fc2), scale_activation (hard-sigmoid), in torchvision's registration order."""
     name: str
     channels: int
     squeeze: int
@@ -74,7 +74,7 @@ class SqueezeExcite:
 
     def module_names(self):
         yield self.name
-        for child in ("avgpool", "fc1", "activation", "fc2", "scale_activation"):
+        for child in ("avgpool", "fc1", "fc2", "activation", "scale_activation"):  # torch's order
             yield f"{self.name}.{child}"
 
 

@@ -141,7 +141,7 @@ class MobileNetV3:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"input must have shape (N, 3, H, W), got {x.shape}")
         if x.dtype.kind != "f":
-            raise ValueError(f"input must be floating point, got dtype {x.dtype}")
+            raise ValueError(f"input must be floating point, got dtype {x.dtype} (shape {x.shape})")
         if x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
             raise ValueError(f"input must be non-empty, got shape {x.shape}")
         return np.asarray(x, dtype=self.dtype)
@@ -238,24 +238,25 @@ class MobileNetV3:
         logits, outs = self._reference_forward(x, rng=rng, record=True)
         return logits, outs
 
+    def stage_ends(self) -> list[str]:
+        """Names of the modules that end each resolution stage (output strides 2, 4, 8, ...):
+        the module before every block with configured stride 2, and the last one. Dilation
+        keeps the name list (the dilated stage then has the previous stage's stride)."""
+        ends = [f"features.{i - 1}" for i, b in enumerate(self.spec.blocks, start=1)
+                if b.stride == 2]
+        return ends + [self.features[-1].name]
+
     def forward_features(self, x, stages=(1, 2, 3, 4, 5)):
-        """Backbone feature maps at output strides 2, 4, 8, 16, 32 (``stages`` 1..5 pick
-        them): the last feature map at each resolution, as timm's ``features_only``."""
+        """Backbone feature maps at the end of each stage (output strides 2, 4, 8, 16, 32 for
+        the presets; 2, 4, 8, 16, 16 when dilated), like timm's ``features_only`` and
+        mmpretrain's ``out_indices``. ``stages`` are 1-based indices into ``stage_ends()``."""
         x = self._check_input(x)
+        ends = self.stage_ends()
         for s in stages:
-            if s not in (1, 2, 3, 4, 5):
-                raise ValueError(f"stages must be among 1..5 (strides 2..32), got {s}")
+            if not (isinstance(s, (int, np.integer)) and 1 <= s <= len(ends)):
+                raise ValueError(f"stages must be integers in 1..{len(ends)}, got {s!r}")
         _, outs = self._reference_forward(x, record=True, features_only=True)
-        picks, last_res = {}, None
-        for m in self.features:
-            y = outs[m.name]
-            res = y.shape[2:]
-            if res != last_res:
-                picks[len(picks) + 1] = y
-                last_res = res
-            else:
-                picks[len(picks)] = y
-        return [picks[s] for s in stages if s in picks]
+        return [outs[ends[s - 1]] for s in stages]
 
     def _reference_forward(self, x, rng=None, record=False, features_only=False):
         """Walk the module tree with the kernels; keep caches (for backward) and outputs."""

@@ -14,7 +14,7 @@ import numpy as np
 WIDTHS = (0.35, 0.5, 0.75, 1.0, 1.25, 1.5)
 FOREIGN_STYLES = {                         # a key prefix that gives each library away
     "timm": ("conv_stem.", "blocks.", "conv_head."),
-    "mmpretrain": ("backbone.layer0.", "backbone.layer1.", "head.layers."),
+    "mmpretrain": ("backbone.layer", "head.layers."),
     "netspresso-trainer": ("backbone.conv_first.", "backbone.stages."),
 }
 
