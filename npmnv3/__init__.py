@@ -22,6 +22,8 @@ elif "OPENBLAS_THREAD_TIMEOUT" not in _os.environ:
 
 from . import kernels  # noqa: E402
 from .checkpoint import CheckpointError, load_pth  # noqa: E402
+from .compare import compare_with_torchvision  # noqa: E402
+from .convert import convert, load_model, load_npz  # noqa: E402
 from .gradcheck import numerical_gradient, rel_error  # noqa: E402
 from .model import (  # noqa: E402
     MobileNetV3,
@@ -30,9 +32,11 @@ from .model import (  # noqa: E402
     mobilenet_v3_large,
     mobilenet_v3_small,
 )
+from .summary import summary  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["CheckpointError", "MobileNetV3", "config_path", "kernels", "load_pth",
            "mobilenet_v3_from_config", "mobilenet_v3_large", "mobilenet_v3_small",
-           "numerical_gradient", "rel_error", "__version__"]
+           "numerical_gradient", "rel_error", "__version__",
+           "summary", "convert", "load_npz", "load_model", "compare_with_torchvision"]

@@ -1,4 +1,14 @@
-"""The ``npmnv3`` command line (also ``python -m npmnv3``)."""
+"""The ``npmnv3`` command line (also ``python -m npmnv3``).
+
+    npmnv3 selfcheck                      every kernel's backward and fast == naive, no torch
+    npmnv3 summary --model large          per-layer shapes, parameters and MACs
+    npmnv3 convert IN.pth OUT.npz         torchvision checkpoint -> .npz with metadata
+    npmnv3 compare --model small          module-by-module diff against torchvision (needs torch)
+
+Errors in the input (a missing or malformed file, weights that fit no MobileNetV3) print one
+line to stderr and exit with 1; ``compare`` exits with 1 when a module is over tolerance and
+with 2 when torch is missing.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +30,100 @@ def _cmd_selfcheck(args) -> int:
     return 1 if bad else 0
 
 
+def _arch_from_args(args) -> dict:
+    """The builder arguments given on the command line (None where not given)."""
+    return {"arch": args.model, "width_mult": args.width_mult,
+            "reduced_tail": args.reduced_tail, "dilated": args.dilated,
+            "num_classes": args.num_classes}
+
+
+def _cmd_summary(args) -> int:
+    from .convert import build_model
+    from .summary import summary
+
+    if len(args.input_size) > 2:
+        raise ValueError(f"--input-size takes H or H W, got {len(args.input_size)} numbers")
+    size = tuple(args.input_size) * (3 - len(args.input_size))
+    print(summary(build_model(_arch_from_args(args)), size[:2]).format(depth=args.depth))
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from .convert import convert
+
+    given = {k: v for k, v in _arch_from_args(args).items() if v is not None}
+    meta = convert(args.src, args.dst, arch=given or None)
+    a = meta["arch"]
+    print(f"wrote {args.dst}: mobilenet_v3_{a['arch']}(width_mult={a['width_mult']!r}, "
+          f"reduced_tail={a['reduced_tail']}, dilated={a['dilated']}, "
+          f"num_classes={a['num_classes']}), {meta['num_parameters']:,} parameters")
+    print(f"source {meta['source_name']} ({meta['source_bytes']:,} bytes), "
+          f"sha256 {meta['source_sha256']}")
+    return 0
+
+
+def _compare_models(args, torch_dtype: str):
+    """(npmnv3 model, torchvision model, description) as the options ask."""
+    from .compare import npmnv3_twin, torchvision_model
+    from .convert import build_model, load_weights
+
+    given = {k: v for k, v in _arch_from_args(args).items() if v is not None}
+    if args.weights is None:
+        if "arch" not in given:
+            raise ValueError("--model large|small is needed unless --weights is given")
+        tv = torchvision_model(given, dtype=torch_dtype, seed=args.seed)
+        return npmnv3_twin(tv, given, torch_dtype), tv, f"random weights (seed {args.seed})"
+    sd, arch = load_weights(args.weights)
+    clash = {k: (v, arch[k]) for k, v in given.items() if k != "dilated" and v != arch[k]}
+    if clash:
+        raise ValueError(f"{args.weights} does not fit the options: " + ", ".join(
+            f"{k} {v!r} given, weights have {w!r}" for k, (v, w) in clash.items()))
+    arch = {**arch, **given}
+    tv = torchvision_model(arch, sd, dtype=torch_dtype)
+    model = build_model(arch, dtype=torch_dtype)
+    model.load_state_dict(sd)
+    return model.eval(), tv, f"weights {args.weights}"
+
+
+def _cmd_compare(args) -> int:
+    try:
+        import torch  # noqa: F401
+        import torchvision  # noqa: F401
+    except ImportError:
+        print("npmnv3 compare needs torch and torchvision (pip install -e '.[test]')",
+              file=sys.stderr)
+        return 2
+    from .compare import (
+        compare_with_torchvision,
+        first_failure,
+        format_rows,
+        load_image,
+        plot_rows,
+        random_input,
+    )
+
+    model, tv, what = _compare_models(args, args.dtype)
+    x = load_image(args.image) if args.image else random_input(args.seed, args.input_size)
+    source = f"image {args.image}" if args.image else f"random input (seed {args.seed})"
+    rows = compare_with_torchvision(model, tv, x)
+    print(f"npmnv3 vs torchvision, {what}, {source} {list(x.shape)}, {args.dtype}")
+    print("\n".join(format_rows(rows)))
+    if args.plot:
+        plot_rows(rows, args.plot, title=f"npmnv3 vs torchvision: {what}, {args.dtype}")
+        print(f"plot saved to {args.plot}")
+    return 1 if first_failure(rows) else 0
+
+
+def _add_arch_args(p, *, required: bool, defaults: bool):
+    d = (lambda v: v) if defaults else (lambda v: None)
+    p.add_argument("--model", choices=("large", "small"), required=required,
+                   help="mobilenet_v3_large or mobilenet_v3_small")
+    p.add_argument("--width-mult", type=float, default=d(1.0), metavar="W")
+    p.add_argument("--reduced-tail", action="store_true", default=d(False))
+    p.add_argument("--dilated", action="store_true", default=d(False))
+    p.add_argument("--num-classes", type=int, default=d(1000), metavar="N")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="npmnv3",
@@ -29,12 +133,57 @@ def build_parser() -> argparse.ArgumentParser:
                                          "and fast == naive (no torch needed)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_selfcheck)
+
+    p = sub.add_parser("summary", help="per-layer output shapes, parameters and MACs")
+    _add_arch_args(p, required=True, defaults=True)
+    p.add_argument("--input-size", type=int, nargs="+", default=[224], metavar="H [W]",
+                   help="input height and width (default 224)")
+    p.add_argument("--depth", type=int, choices=(0, 1), default=1,
+                   help="0: top-level modules only; 1: also the layers inside (default)")
+    p.set_defaults(func=_cmd_summary)
+
+    p = sub.add_parser("convert", help="torchvision .pth -> .npz with metadata (torch-free)")
+    p.add_argument("src", metavar="IN.pth")
+    p.add_argument("dst", metavar="OUT.npz")
+    _add_arch_args(p, required=False, defaults=False)
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("compare", help="module-by-module diff against torchvision "
+                                       "(needs torch); exit 1 if a module is over tolerance")
+    _add_arch_args(p, required=False, defaults=False)
+    p.add_argument("--weights", metavar="FILE", help=".pth or .npz (default: random weights "
+                                                     "with randomised batch-norm statistics)")
+    p.add_argument("--image", metavar="FILE", help="an image, resized to 256 and center-"
+                                                   "cropped to 224 (default: random input)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and input")
+    p.add_argument("--input-size", type=int, default=224, metavar="S",
+                   help="side of the random input (default 224)")
+    p.add_argument("--plot", metavar="OUT.png", help="save the relative error per module")
+    p.set_defaults(func=_cmd_compare)
     return ap
+
+
+def _one_line(msg: str) -> str:
+    """A multi-line error as one line: its first line, the headings of the following
+    (unindented) lines without their lists, and a closing hint in full."""
+    lines = [ln for ln in str(msg).splitlines() if ln.strip()] or ["(no message)"]
+    parts = [lines[0].rstrip(":")]
+    for ln in lines[1:]:
+        if ln.startswith("hint:"):
+            parts.append(ln)
+        elif not ln[0].isspace():
+            parts.append(ln.split(":")[0])
+    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as e:          # CheckpointError is a ValueError
+        print(f"npmnv3 {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ class MobileNetV3:
                 continue
             v = np.asarray(sd[key])
             if key.endswith("num_batches_tracked"):
-                self.buffers[key] = np.array(int(v), dtype=np.int64)
+                self.buffers[key] = np.array(int(v.reshape(-1)[0]), dtype=np.int64)
             elif kind == "buffer":
                 self.buffers[key] = np.array(v, dtype=self.dtype)
             else:
