@@ -24,6 +24,7 @@ from . import kernels  # noqa: E402
 from .checkpoint import CheckpointError, load_pth  # noqa: E402
 from .compare import compare_with_torchvision  # noqa: E402
 from .convert import convert, load_model, load_npz  # noqa: E402
+from .gradcam import gradcam, save_overlay  # noqa: E402
 from .gradcheck import numerical_gradient, rel_error  # noqa: E402
 from .model import (  # noqa: E402
     MobileNetV3,
@@ -32,6 +33,7 @@ from .model import (  # noqa: E402
     mobilenet_v3_large,
     mobilenet_v3_small,
 )
+from .preprocess import load_image, preprocess  # noqa: E402
 from .summary import summary  # noqa: E402
 
 __version__ = "0.1.0"
@@ -39,4 +41,11 @@ __version__ = "0.1.0"
 __all__ = ["CheckpointError", "MobileNetV3", "config_path", "kernels", "load_pth",
            "mobilenet_v3_from_config", "mobilenet_v3_large", "mobilenet_v3_small",
            "numerical_gradient", "rel_error", "__version__",
-           "summary", "convert", "load_npz", "load_model", "compare_with_torchvision"]
+           "summary", "convert", "load_npz", "load_model", "compare_with_torchvision",
+           "preprocess", "load_image",
+           "gradcam", "save_overlay"]
+
+from . import weights  # noqa: E402
+from .classify import classify, load_classifier  # noqa: E402
+
+__all__ += ["weights", "classify", "load_classifier"]

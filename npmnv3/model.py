@@ -176,12 +176,14 @@ class MobileNetV3:
     def _accumulate(self, key, g):
         self.grads[key] = self.grads[key] + g if key in self.grads else g
 
-    def backward(self, dlogits):
+    def backward(self, dlogits, *, capture=()):
         """Back-propagate dL/dlogits (N, num_classes) through the last cached forward.
 
         Parameter gradients are *added* to ``self.grads`` (like torch's ``.grad``; see
         ``zero_grad``); returns dL/dx (N, 3, H, W). Where a tensor fans out (the residual skip,
         SE's input) the branch gradients are summed explicitly. The cache is released after.
+        ``capture``: module names (``"features.16"``...) whose output gradients are stored in
+        ``self.captured_grads`` on the way (Grad-CAM uses it).
         """
         tape = self._tape
         if tape is None:
@@ -195,8 +197,12 @@ class MobileNetV3:
                              f"{dy.shape}")
         dy = dy.astype(self.dtype, copy=False)
         impl, skips = self.impl, []
+        self.captured_grads = {}
         for kind, m, cache in reversed(tape):
-            if kind == "head":
+            if kind == "end":                # dy is now dL/d(output of module m)
+                if m in capture:
+                    self.captured_grads[m] = dy
+            elif kind == "head":
                 dy = self._head_backward(dy, cache)
             elif kind == "act":
                 dy = K.activation_backward(m.act, dy, cache, impl=impl)
@@ -274,6 +280,11 @@ class MobileNetV3:
         return logits, outs
 
     def _module_forward(self, m, x, outs, tape):
+        y = self._module_forward_inner(m, x, outs, tape)
+        tape.append(("end", m.name, None))      # marks where the module's output gradient is
+        return y
+
+    def _module_forward_inner(self, m, x, outs, tape):
         if isinstance(m, InvertedResidual):
             if m.spec.use_residual:
                 tape.append(("skip_from", m.name, None))
@@ -282,6 +293,7 @@ class MobileNetV3:
                 y = self._module_forward(layer, y, outs, tape)
             if outs is not None:
                 outs[f"{m.name}.block"] = y
+            tape.append(("end", f"{m.name}.block", None))
             if m.spec.use_residual:
                 y = y + x                                 # x fans out: block and skip
                 tape.append(("residual", m.name, None))
