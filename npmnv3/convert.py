@@ -8,7 +8,14 @@ atomically (a temporary file in ``dst``'s directory, read back and checked, then
 The ``.npz`` holds every state_dict array under its torchvision key, in the file's order and
 dtype (so ``load_npz`` returns exactly what ``load_pth`` read), plus ``META_KEY``: a uint8 array
 of UTF-8 JSON with the format version, the builder arguments, the source's name, size and
-SHA-256, and the npmnv3 version. Everything is readable with ``np.load(allow_pickle=False)``.
+SHA-256, the npmnv3 version, ``source_format`` and ``bn_eps``. Everything is readable with
+``np.load(allow_pickle=False)``.
+
+Checkpoints of timm, mmpretrain and netspresso-trainer (``npmnv3.foreign``) are renamed to
+torchvision's keys first (recognised from their keys, or named with ``source=``); the ``.npz``
+then holds torchvision keys, ``source_format`` names the library and ``bn_eps`` the BatchNorm
+eps its weights need (torchvision 1e-3, timm 1e-5), which ``load_model`` builds the model with.
+Files written before these two entries existed read as torchvision with eps 1e-3.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import CheckpointError, load_pth
+from .foreign import BN_EPS, SOURCES, to_torchvision
 from .statedict import foreign_style, infer_arch
 
 META_KEY = "__npmnv3_meta__"
@@ -73,14 +81,40 @@ def check_arch(arch, where: str = "arch") -> dict:
     return out
 
 
-def build_model(arch: dict, dtype=np.float32, seed=None):
-    """The npmnv3 model for builder arguments ``arch`` (``dilated=None`` builds undilated)."""
+def check_bn_eps(eps, where: str = "bn_eps") -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ValueError(f"{where} must be a number in (0, 1), got {eps!r}")
+    return float(eps)
+
+
+def build_model(arch: dict, dtype=np.float32, seed=None, bn_eps=None):
+    """The npmnv3 model for builder arguments ``arch`` (``dilated=None`` builds undilated);
+    ``bn_eps`` (default torchvision's 1e-3) is the BatchNorm eps of both forward paths."""
     from .model import mobilenet_v3_large, mobilenet_v3_small
     a = check_arch(arch)
     builder = {"large": mobilenet_v3_large, "small": mobilenet_v3_small}[a["arch"]]
-    return builder(width_mult=a["width_mult"], reduced_tail=bool(a["reduced_tail"]),
-                   dilated=bool(a["dilated"]), num_classes=a["num_classes"], dtype=dtype,
-                   seed=seed)
+    model = builder(width_mult=a["width_mult"], reduced_tail=bool(a["reduced_tail"]),
+                    dilated=bool(a["dilated"]), num_classes=a["num_classes"], dtype=dtype,
+                    seed=seed)
+    if bn_eps is not None:
+        model.bn_eps = check_bn_eps(bn_eps)
+        model._fused = None                 # the fused weights fold eps in
+    return model
+
+
+def _rename(sd: dict, source, src: Path) -> tuple[dict, str, float]:
+    """``(torchvision state_dict, source format, its BN eps)``: foreign keys (recognised, or
+    ``source`` given) are renamed by ``foreign.to_torchvision``."""
+    if source not in (None, "torchvision", *SOURCES):
+        raise ValueError(f"source must be one of {['torchvision', *SOURCES]} or None, got "
+                         f"{source!r}")
+    if source == "torchvision" or (source is None and foreign_style(sd) is None):
+        return sd, "torchvision", BN_EPS["torchvision"]
+    try:
+        sd, info = to_torchvision(sd, source)
+    except ValueError as e:
+        raise CheckpointError(f"{src}: {e}") from None
+    return sd, info["source"], info["bn_eps"]
 
 
 def _no_match(sd: dict, src: Path) -> CheckpointError:
@@ -145,8 +179,11 @@ def load_npz(path) -> tuple[dict[str, np.ndarray], dict]:
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unknown format version {version!r}: this npmnv3 reads "
                               f"version {FORMAT_VERSION}; convert the .pth again")
+    meta.setdefault("source_format", "torchvision")     # written before these entries existed
+    meta.setdefault("bn_eps", BN_EPS["torchvision"])
     try:
         meta["arch"] = check_arch(meta.get("arch"), f"{path}: {META_KEY} arch")
+        meta["bn_eps"] = check_bn_eps(meta["bn_eps"], f"{path}: {META_KEY} bn_eps")
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     return arrays, meta
@@ -188,15 +225,21 @@ def _write_npz_atomic(dst: Path, arrays: dict) -> None:
         raise
 
 
-def convert(src, dst, *, arch=None) -> dict:
-    """Convert the torchvision checkpoint ``src`` (.pth) to ``dst`` (.npz); returns the meta.
+def convert(src, dst, *, arch=None, source=None, bn_eps=None) -> dict:
+    """Convert the checkpoint ``src`` (.pth) to ``dst`` (.npz); returns the meta.
 
     ``arch``: None (inferred from the tensor shapes), "large"/"small", or a dict of builder
     arguments (``width_mult``, ``reduced_tail``, ``dilated``, ``num_classes``); keys not given
     are taken from the weights. ``dilated`` changes no shape, so it is recorded only if given.
+    ``source``: None (torchvision keys, or another library's recognised from its keys),
+    "torchvision", "timm", "mmpretrain" or "netspresso-trainer"; other libraries' keys are
+    renamed to torchvision's (``npmnv3.foreign``). The meta records ``source_format`` and
+    ``bn_eps``: ``bn_eps`` if given (e.g. 1e-5 for netspresso-trainer checkpoints from before
+    2024-05), else the eps of the source library.
     Raises ``CheckpointError`` (a ValueError) if ``src`` is not a loadable checkpoint or fits
     no MobileNetV3 variant; ``dst`` is then neither created nor changed.
     """
+    bn_eps = None if bn_eps is None else check_bn_eps(bn_eps)
     src, dst = _existing_file(src), Path(dst)
     if dst.exists() and dst.resolve() == src.resolve():
         raise ValueError(f"{dst}: the destination is the source file")
@@ -207,14 +250,15 @@ def convert(src, dst, *, arch=None) -> dict:
     if _is_npmnv3_npz(src):
         raise CheckpointError(f"{src}: already an npmnv3 .npz (load it with load_npz)")
     sha = _sha256(src)
-    sd = load_pth(src)
+    sd, source_format, eps = _rename(load_pth(src), source, src)
     a = _resolve_arch(sd, arch, src)
     model = _validate(sd, a, src)
     if _sha256(src) != sha:
         raise CheckpointError(f"{src}: the file changed while it was being converted")
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": a,
             "source_name": src.name, "source_sha256": sha, "source_bytes": src.stat().st_size,
-            "num_parameters": model.num_parameters(), "npmnv3_version": _version()}
+            "num_parameters": model.num_parameters(), "npmnv3_version": _version(),
+            "source_format": source_format, "bn_eps": eps if bn_eps is None else bn_eps}
     blob = np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8)
     arrays = {k: np.asarray(v, order="C") for k, v in sd.items()}   # keeps 0-d arrays 0-d
     _write_npz_atomic(dst, {**arrays, META_KEY: blob})
@@ -245,11 +289,25 @@ def load_weights(path) -> tuple[dict[str, np.ndarray], dict]:
     return sd, _resolve_arch(sd, None, path)
 
 
+def read_weights(path) -> tuple[dict[str, np.ndarray], dict, dict]:
+    """``(state_dict, arch, info)`` from a ``.npz`` of ``convert`` or a ``.pth`` (torchvision's
+    or, renamed, another library's); ``info``: ``source_format`` and ``bn_eps`` (the eps to
+    build the model with)."""
+    path = _existing_file(path)
+    if _is_npmnv3_npz(path) or path.suffix.lower() == ".npz":
+        sd, meta = load_npz(path)
+        return sd, meta["arch"], {"source_format": meta["source_format"],
+                                  "bn_eps": meta["bn_eps"]}
+    sd, source_format, eps = _rename(load_pth(path), None, path)
+    return sd, _resolve_arch(sd, None, path), {"source_format": source_format, "bn_eps": eps}
+
+
 def load_model(path, *, dtype=np.float32):
-    """A model built for, and loaded with, the weights in ``path`` (.npz or .pth), in eval
-    mode (call ``.train()`` to fine-tune)."""
-    sd, arch = load_weights(path)
-    model = build_model(arch, dtype=dtype)
+    """A model built for, and loaded with, the weights in ``path`` (.npz or .pth, another
+    library's too), with the BatchNorm eps they need, in eval mode (``.train()`` to
+    fine-tune)."""
+    sd, arch, info = read_weights(path)
+    model = build_model(arch, dtype=dtype, bn_eps=info["bn_eps"])
     try:
         model.load_state_dict(sd, strict=True)
     except ValueError as e:
