@@ -4,10 +4,13 @@
     npmnv3 summary --model large          per-layer shapes, parameters and MACs
     npmnv3 convert IN.pth OUT.npz         torchvision checkpoint -> .npz with metadata
     npmnv3 compare --model small          module-by-module diff against torchvision (needs torch)
+    npmnv3 weights list|fetch NAME|path NAME   the official checkpoints (download, hash check)
+    npmnv3 classify IMAGE_OR_DIR...       top-k ImageNet classes (weights fetched if needed)
 
 Errors in the input (a missing or malformed file, weights that fit no MobileNetV3) print one
 line to stderr and exit with 1; ``compare`` exits with 1 when a module is over tolerance and
-with 2 when torch is missing.
+with 2 when torch is missing; ``classify`` exits with 1 if any image could not be read (the
+others are still classified).
 """
 
 from __future__ import annotations
@@ -114,6 +117,57 @@ def _cmd_compare(args) -> int:
     return 1 if first_failure(rows) else 0
 
 
+def _cmd_weights(args) -> int:
+    from . import weights as W
+
+    if args.action == "list":
+        print(f"{'name':<9} {'model':<6} {'acc@1':>6} {'acc@5':>6} {'params':>10} {'resize':>6} "
+              f"{'crop':>4}  {'file':<32} on disk")
+        for e in W.REGISTRY.values():
+            print(f"{e.name:<9} {e.arch:<6} {e.acc1:6.3f} {e.acc5:6.3f} {e.num_params:>10,} "
+                  f"{e.resize_size:>6} {e.crop_size:>4}  {e.file_name:<32} "
+                  f"{W.status(e) or '-'}")
+        print("aliases: " + ", ".join(f"{a} -> {n}" for a, n in W.ALIASES.items())
+              + "; defaults: " + ", ".join(f"--model {m}: {n}" for m, n in W.DEFAULTS.items()))
+        print(f"weights directory: {W.weights_dir()} (NPMNV3_HOME)")
+        print(f"torch hub cache:   {W.torch_hub_dir()} (reused when the file is there)")
+        return 0
+    entry = W.get(args.name)
+    if args.action == "path":
+        path = W.weights_dir() / entry.npz_name
+        print(path)
+        if not path.is_file():
+            print(f"npmnv3 weights: {entry.name} is not downloaded yet: npmnv3 weights fetch "
+                  f"{entry.name}", file=sys.stderr)
+            return 1
+        return 0
+    before = W.status(entry)
+    path = W.fetch(entry.name, progress=True)
+    how = {"npz": "already there", "pth": f"converted from {entry.file_name}",
+           "torch hub cache": f"converted from torch hub's {W.torch_hub_dir() / entry.file_name}",
+           "": f"downloaded {entry.url()}"}[before]
+    print(f"{entry.name}: {path} ({how}; sha256 {entry.sha256_prefix}... verified)")
+    return 0
+
+
+def _cmd_classify(args) -> int:
+    import json
+
+    from .classify import classify, format_results
+
+    results = classify(args.images, args.model, args.weights, args.topk, progress=True,
+                       batch_size=args.batch_size, exif_transpose=not args.no_exif)
+    good = [r for r in results if "top" in r]
+    for r in results:
+        if "top" not in r:
+            print(f"npmnv3 classify: {r['image']}: {r['error']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(good, indent=2))
+    elif good:
+        print(format_results(good))
+    return 1 if len(good) < len(results) else 0
+
+
 def _add_arch_args(p, *, required: bool, defaults: bool):
     d = (lambda v: v) if defaults else (lambda v: None)
     p.add_argument("--model", choices=("large", "small"), required=required,
@@ -161,6 +215,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="side of the random input (default 224)")
     p.add_argument("--plot", metavar="OUT.png", help="save the relative error per module")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("weights", help="the official torchvision checkpoints: list, fetch "
+                                       "(download or reuse torch hub's cache, verify, convert), "
+                                       "path")
+    wsub = p.add_subparsers(dest="action", required=True)
+    wsub.add_parser("list", help="the registry and what is on disk")
+    for action, what in (("fetch", "download (if needed), verify and convert to .npz"),
+                         ("path", "print where the .npz is (exit 1 if not there yet)")):
+        q = wsub.add_parser(action, help=what)
+        q.add_argument("name", metavar="NAME", help="large-v1, large-v2, small-v1 (or large, "
+                                                    "small)")
+    p.set_defaults(func=_cmd_weights)
+
+    p = sub.add_parser("classify", help="top-k ImageNet classes of images; exit 1 if any "
+                                        "image could not be read")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
+                   help="image files, or directories (walked, sorted, by image extension)")
+    p.add_argument("--model", choices=("large", "small"),
+                   help="default: what --weights holds, else large")
+    p.add_argument("--weights", metavar="NAME|FILE",
+                   help="registry name (default large-v2 / small-v1, fetched if needed) or a "
+                        "torchvision .pth / converted .npz")
+    p.add_argument("--topk", type=int, default=5, metavar="K")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of text")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N")
+    p.add_argument("--no-exif", action="store_true",
+                   help="ignore the EXIF orientation (torchvision does not apply it)")
+    p.set_defaults(func=_cmd_classify)
     return ap
 
 
