@@ -55,13 +55,15 @@ def _cmd_convert(args) -> int:
     from .convert import convert
 
     given = {k: v for k, v in _arch_from_args(args).items() if v is not None}
-    meta = convert(args.src, args.dst, arch=given or None)
+    meta = convert(args.src, args.dst, arch=given or None, source=args.source,
+                   bn_eps=args.bn_eps)
     a = meta["arch"]
     print(f"wrote {args.dst}: mobilenet_v3_{a['arch']}(width_mult={a['width_mult']!r}, "
           f"reduced_tail={a['reduced_tail']}, dilated={a['dilated']}, "
           f"num_classes={a['num_classes']}), {meta['num_parameters']:,} parameters")
     print(f"source {meta['source_name']} ({meta['source_bytes']:,} bytes), "
           f"sha256 {meta['source_sha256']}")
+    print(f"source format {meta['source_format']}, batch-norm eps {meta['bn_eps']:g}")
     return 0
 
 
@@ -196,10 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0: top-level modules only; 1: also the layers inside (default)")
     p.set_defaults(func=_cmd_summary)
 
-    p = sub.add_parser("convert", help="torchvision .pth -> .npz with metadata (torch-free)")
+    p = sub.add_parser("convert", help="torchvision/timm/mmpretrain/netspresso .pth -> .npz "
+                                       "with metadata (torch-free)")
     p.add_argument("src", metavar="IN.pth")
     p.add_argument("dst", metavar="OUT.npz")
     _add_arch_args(p, required=False, defaults=False)
+    p.add_argument("--from", dest="source", choices=("timm", "mmpretrain", "netspresso-trainer"),
+                   help="the checkpoint's library (default: recognised from its keys)")
+    p.add_argument("--bn-eps", type=float, metavar="EPS", help="batch-norm eps to record "
+                   "(default: the library's; 1e-5 for netspresso-trainer before 2024-05)")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("compare", help="module-by-module diff against torchvision "
