@@ -49,6 +49,24 @@ def require_torchvision():
     return torchvision
 
 
+def randomise(torch, model, seed: int):
+    """Random BN weight/bias/running_mean/running_var/num_batches_tracked and nonzero biases
+    (SE convs, classifier, timm's conv_head): torchvision initialises all of them to 1/0, and
+    identity batch norm hides bugs. Works on torchvision and timm models."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(1 + 0.5 * torch.randn(c, generator=g))
+                m.bias.copy_(0.5 * torch.randn(c, generator=g))
+                m.running_mean.copy_(0.5 * torch.randn(c, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+                m.num_batches_tracked.fill_(int(torch.randint(1, 10_000, (), generator=g)))
+            elif isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+
+
 def randn(rng, shape, dtype, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(dtype)
 

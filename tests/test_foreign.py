@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import RTOL32, RTOL64, require_torch, require_torchvision
+from support import RTOL32, RTOL64, randomise, require_torch, require_torchvision
 
 import npmnv3
 from npmnv3.arch import load_stage_params, preset_spec
@@ -287,23 +287,6 @@ def test_npz_without_eps_entries_reads_as_torchvision(tmp_path):
 
 
 # ----------------------------------------------------------------------------- against timm
-
-
-def randomise(torch, model, seed: int):
-    """Random BN affine parameters and statistics, and random biases (conv_head, classifier,
-    SE convs), so that eps and every tensor's place matter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):                  # timm's BatchNormAct2d
-                c = m.num_features
-                m.weight.copy_(1 + 0.5 * torch.randn(c, generator=g))
-                m.bias.copy_(0.5 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.5 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-                m.num_batches_tracked.fill_(int(torch.randint(1, 10_000, (), generator=g)))
-            elif isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
 
 
 def calibrate(torch, model, seed: int):

@@ -24,7 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import RTOL32, RTOL64, assert_close, require_torch, require_torchvision
+from support import (
+    RTOL32,
+    RTOL64,
+    assert_close,
+    randomise,
+    require_torch,
+    require_torchvision,
+)
 
 import npmnv3
 from npmnv3.gradcheck import rel_error
@@ -99,23 +106,6 @@ class Reference:
         if self._double is None:
             self._double = copy.deepcopy(self.model).double()
         return self._double
-
-
-def randomise(torch, model, seed: int):
-    """Random BN weight/bias/running_mean/running_var/num_batches_tracked and nonzero biases
-    of the SE convs and the classifier (torchvision initialises all of them to 1/0)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(1 + 0.5 * torch.randn(c, generator=g))
-                m.bias.copy_(0.5 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.5 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-                m.num_batches_tracked.fill_(int(torch.randint(1, 10_000, (), generator=g)))
-            elif isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
 
 
 def tv_builder(arch):
