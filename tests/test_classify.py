@@ -31,7 +31,8 @@ PHOTOS = sorted(DATA.glob("*.jpg"))
 # probabilities differ by about as much; 1e-4 is the bound.
 PROB_ATOL = 1e-4
 # The reference's top-6 probabilities must be this far apart for the order to be meaningful:
-# 50x the <= 2e-6 by which ours and torch's differ (seed chosen so that it holds).
+# 50x the <= 2e-6 by which ours and torch's differ (seeds chosen so that it holds; every
+# random number, the initialisation's too, comes from a seeded generator).
 MIN_GAP = 1e-4
 
 
@@ -51,7 +52,9 @@ def tv_small(tmp_path_factory):
 
     torch.set_num_threads(2)
     g = torch.Generator().manual_seed(2)
-    model = torchvision.models.mobilenet_v3_small()
+    with torch.random.fork_rng():           # the conv init draws from the global generator:
+        torch.manual_seed(2)                # seed it too, or the top-5 gaps vary run to run
+        model = torchvision.models.mobilenet_v3_small()
     transform = MobileNet_V3_Small_Weights.IMAGENET1K_V1.transforms()
     x = torch.stack([transform(Image.open(p).convert("RGB")) for p in PHOTOS])
     with torch.no_grad():
