@@ -121,6 +121,23 @@ _scale_planes = njit(cache=True, parallel=True)(_scale_planes_loops)
 
 def fused_forward(model, x):
     """Eval-mode logits of ``model`` for x (N, 3, H, W) through the folded, fused path."""
+    y = _backbone(model, x)
+    C, N = y.shape[:2]
+    p = model.params
+    pooled = y.reshape(C, N, -1).mean(axis=2, dtype=np.float64).astype(y.dtype)   # (C, N)
+    h = p["classifier.0.weight"] @ pooled                                         # (1280, N)
+    bias_act_(h[None], p["classifier.0.bias"], "hardswish")         # dropout: identity in eval
+    logits = p["classifier.3.weight"] @ h + p["classifier.3.bias"][:, None]        # (1000, N)
+    return np.ascontiguousarray(logits.T)
+
+
+def fused_features(model, x):
+    """Eval-mode output of ``features`` (N, C, h, w) through the folded, fused path."""
+    return np.ascontiguousarray(_backbone(model, x).transpose(1, 0, 2, 3))
+
+
+def _backbone(model, x):
+    """``features`` of x (N, 3, H, W) in eval mode, channel-major: (C, N, h, w)."""
     if model._fused is None:
         model._fused = _fold(model)
     folded, p = model._fused, model.params
@@ -144,9 +161,4 @@ def fused_forward(model, x):
                 g = _se_gate(layers[i + 1], pooled, p)
                 _scale_planes(y.reshape(y.shape[0] * N, -1), g.reshape(-1))
         y = _conv_bn_act(layers[-1], y, folded, res=inp if m.spec.use_residual else None)
-    C = y.shape[0]
-    pooled = y.reshape(C, N, -1).mean(axis=2, dtype=np.float64).astype(y.dtype)   # (C, N)
-    h = p["classifier.0.weight"] @ pooled                                         # (1280, N)
-    bias_act_(h[None], p["classifier.0.bias"], "hardswish")         # dropout: identity in eval
-    logits = p["classifier.3.weight"] @ h + p["classifier.3.bias"][:, None]        # (1000, N)
-    return np.ascontiguousarray(logits.T)
+    return y

@@ -10,6 +10,8 @@ projection (same results to float rounding; tested against the reference path).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from . import kernels as K
@@ -105,6 +107,30 @@ class MobileNetV3:
         self._fused = None
         return report
 
+    def reset_classifier(self, num_classes: int, *, rng=None):
+        """Replace ``classifier.3`` by a fresh ``Linear(hidden, num_classes)`` initialised as
+        torchvision does (weight ~ N(0, 0.01), bias 0), for fine-tuning on other classes;
+        ``spec``, ``head``, the state_dict layout and ``arch`` follow. ``rng``: a Generator or
+        a seed (default: the model's generator). Returns the model."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+                or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        n = int(num_classes)
+        rng = rng if isinstance(rng, np.random.Generator) else (
+            self._rng if rng is None else np.random.default_rng(rng))
+        self.spec = dataclasses.replace(self.spec, num_classes=n)
+        self.head = dataclasses.replace(self.head, num_classes=n)
+        self.layout = state_dict_layout(self.features, self.head)
+        self.params["classifier.3.weight"] = (rng.standard_normal((n, self.head.hidden))
+                                              * 0.01).astype(self.dtype)
+        self.params["classifier.3.bias"] = np.zeros(n, dtype=self.dtype)
+        if self.arch:
+            self.arch = {**self.arch, "num_classes": n}
+        self.grads.pop("classifier.3.weight", None)
+        self.grads.pop("classifier.3.bias", None)
+        self._tape, self._fused = None, None
+        return self
+
     def named_parameters(self):
         for key, _, kind in self.layout:
             if kind == "param":
@@ -146,21 +172,48 @@ class MobileNetV3:
             raise ValueError(f"input must be non-empty, got shape {x.shape}")
         return np.asarray(x, dtype=self.dtype)
 
-    def forward(self, x, *, rng=None, keep_cache=None):
+    def forward(self, x, *, rng=None, keep_cache=None, freeze_backbone=False):
         """Logits (N, num_classes) for images x (N, 3, H, W). In train mode batch norm uses
         batch statistics (and updates the running ones) and dropout draws from ``rng``.
 
         ``keep_cache`` (default: in train mode) walks the reference path and keeps every
         kernel's cache so that ``backward`` can follow; in eval mode the default is the fused
         fast path, which keeps nothing.
+
+        ``freeze_backbone``: ``features`` run in eval mode (running batch-norm statistics, left
+        unchanged; nothing cached), the classifier in the model's mode with its caches kept, so
+        that ``backward`` computes the classifier's gradients only and returns dL/d(features
+        output) -- fine-tuning the head of a pretrained network.
         """
         x = self._check_input(x)
         keep = self.training if keep_cache is None else bool(keep_cache)
         self._tape = None
+        if freeze_backbone:
+            feats = self._frozen_features(x)
+            tape = []
+            logits = self._head_forward(feats, None, tape, rng)
+            self._tape = tape
+            return logits
         if not keep and not self.training and self.impl == "fast":
             from .fused import fused_forward
             return fused_forward(self, x)
         return self._reference_forward(x, rng=rng)[0]
+
+    def _frozen_features(self, x):
+        """``features`` in eval mode whatever the model's mode; nothing cached or updated."""
+        training = self.training
+        self.training = False
+        try:
+            if self.impl == "fast":
+                from .fused import fused_features
+                if training:
+                    self._fused = None          # folded weights may be stale in train mode
+                return fused_features(self, x)
+            return self._reference_forward(x, features_only=True, record=True)[1]["features"]
+        finally:
+            self.training = training
+            if training:
+                self._fused = None
 
     # ------------------------------------------------------------------ backward
 
@@ -183,14 +236,16 @@ class MobileNetV3:
         ``zero_grad``); returns dL/dx (N, 3, H, W). Where a tensor fans out (the residual skip,
         SE's input) the branch gradients are summed explicitly. The cache is released after.
         ``capture``: module names (``"features.16"``...) whose output gradients are stored in
-        ``self.captured_grads`` on the way (Grad-CAM uses it).
+        ``self.captured_grads`` on the way (Grad-CAM uses it). After a ``forward(...,
+        freeze_backbone=True)`` only the classifier's gradients are computed and dL/d(features
+        output) is returned.
         """
         tape = self._tape
         if tape is None:
             raise RuntimeError("backward needs the caches of a forward pass: call "
                                "model.forward(x) in train mode, or model.forward(x, "
                                "keep_cache=True) in eval mode, first (once per backward)")
-        N = tape[0][2].x.shape[0]
+        N = tape[-1][2][-1].x.shape[0]          # the head's last linear: (N, hidden)
         dy = np.asarray(dlogits)
         if dy.shape != (N, self.spec.num_classes):
             raise ValueError(f"dlogits must have shape {(N, self.spec.num_classes)}, got "
