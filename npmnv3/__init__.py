@@ -49,3 +49,7 @@ from . import weights  # noqa: E402
 from .classify import classify, load_classifier  # noqa: E402
 
 __all__ += ["weights", "classify", "load_classifier"]
+
+from .train import ArrayDataset, ImageFolder, fit, load_checkpoint  # noqa: E402
+
+__all__ += ["ArrayDataset", "ImageFolder", "fit", "load_checkpoint"]

@@ -6,6 +6,7 @@
     npmnv3 compare --model small          module-by-module diff against torchvision (needs torch)
     npmnv3 weights list|fetch NAME|path NAME   the official checkpoints (download, hash check)
     npmnv3 classify IMAGE_OR_DIR...       top-k ImageNet classes (weights fetched if needed)
+    npmnv3 train --model small --data DIR --out DIR   train / fine-tune on an image folder
 
 Errors in the input (a missing or malformed file, weights that fit no MobileNetV3) print one
 line to stderr and exit with 1; ``compare`` exits with 1 when a module is over tolerance and
@@ -250,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-exif", action="store_true",
                    help="ignore the EXIF orientation (torchvision does not apply it)")
     p.set_defaults(func=_cmd_classify)
+
+    # Listed here for --help; its own parser (npmnv3.train.build_parser) reads the arguments.
+    sub.add_parser("train", add_help=False, help="train or fine-tune on an image folder (one "
+                   "sub-directory per class); npmnv3 train --help for the options")
     return ap
 
 
@@ -267,6 +272,10 @@ def _one_line(msg: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "train":
+        from .train import main as train_main
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

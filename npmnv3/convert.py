@@ -203,7 +203,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_npz_atomic(dst: Path, arrays: dict) -> None:
+def write_npz_atomic(dst: Path, arrays: dict) -> None:
     """Write to a fresh temporary file next to ``dst``, read it back, then ``os.replace``.
     On any error the temporary file is removed and ``dst`` is left untouched."""
     tmp = dst.parent / f".{dst.name}.{secrets.token_hex(6)}.tmp"
@@ -261,7 +261,7 @@ def convert(src, dst, *, arch=None, source=None, bn_eps=None) -> dict:
             "source_format": source_format, "bn_eps": eps if bn_eps is None else bn_eps}
     blob = np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8)
     arrays = {k: np.asarray(v, order="C") for k, v in sd.items()}   # keeps 0-d arrays 0-d
-    _write_npz_atomic(dst, {**arrays, META_KEY: blob})
+    write_npz_atomic(dst, {**arrays, META_KEY: blob})
     return meta
 
 
