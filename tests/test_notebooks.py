@@ -1,0 +1,133 @@
+"""The notebooks in notebooks/ run top to bottom, in time, and stay small.
+
+Every ``notebooks/*.ipynb`` is executed in a fresh Jupyter kernel with nbclient, from an
+in-memory copy and in a temporary working directory (nothing is written into notebooks/). A
+notebook fails on any cell error (each notebook ends by asserting its own claims), on a cell
+running longer than ``CELL_TIMEOUT``, or when the whole run, kernel start included, takes longer
+than ``BUDGET`` seconds of wall time. Each file must also be at most ``MAX_BYTES`` on disk.
+
+nbclient/nbformat/ipykernel (and torch/torchvision for the notebooks that compare with them) come
+with ``pip install -e '.[test]'``. Without them these tests skip, except with ``CI=true``, where a
+missing one is a failure (the pattern of ``tests/support.py``). A notebook that imports torch
+still runs without it (it prints why it compares nothing), so outside CI it is executed anyway.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
+EXPECTED = ("01_building_blocks", "02_inverted_residual", "03_the_network",
+            "04_compare_with_torchvision")
+CELL_TIMEOUT = 300          # seconds per cell (nbclient's timeout)
+BUDGET = 120.0              # seconds of wall time per notebook, kernel start included
+MAX_BYTES = 1_000_000       # per file on disk: commit with outputs cleared or small
+# A teaching re-implementation must carry another name (five_line_depthwise, ...) and be
+# asserted equal to the library's; these names are the library's own operations.
+LIBRARY_DEF = re.compile(r"^def (conv2d|depthwise|pointwise|batch_?norm|hard_?swish|"
+                         r"hard_?sigmoid|relu6?|se|squeeze_excit\w*|linear|avgpool|dropout|"
+                         r"cross_entropy)(_\w*)?\s*\(", re.MULTILINE)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI") == "true"
+
+
+def _require(module: str, what: str = "the notebooks"):
+    """Import ``module``: skip the test without it, but fail with CI=true."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        msg = f"{module} is needed to execute {what} (pip install -e '.[test]')"
+        if _in_ci():
+            pytest.fail(msg + "; it is required when CI=true")
+        pytest.skip(msg)
+
+
+def _code_cells(path: Path) -> list[str]:
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    return ["".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+            for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def _uses_torch(path: Path) -> bool:
+    return any(re.search(r"^\s*import torch\b", src, re.MULTILINE) for src in _code_cells(path))
+
+
+def _slowest_cells(nb, n: int = 3) -> str:
+    """The n slowest cells of an executed notebook, from nbclient's timing metadata."""
+    times = []
+    for i, cell in enumerate(nb.cells):
+        t = cell.get("metadata", {}).get("execution", {})
+        start, end = t.get("iopub.execute_input"), t.get("shell.execute_reply")
+        if start and end:
+            seconds = (datetime.datetime.fromisoformat(end.replace("Z", "+00:00"))
+                       - datetime.datetime.fromisoformat(start.replace("Z", "+00:00")))
+            times.append((seconds.total_seconds(), i))
+    return ", ".join(f"cell {i}: {s:.1f} s" for s, i in sorted(times, reverse=True)[:n])
+
+
+def test_every_expected_notebook_is_there():
+    names = {p.stem for p in PATHS}
+    missing = [n for n in EXPECTED if n not in names]
+    assert not missing, f"missing notebooks in {NOTEBOOKS}: {missing}"
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_notebook_is_small(path):
+    size = path.stat().st_size
+    assert size <= MAX_BYTES, (f"{path.name} is {size:,} bytes > {MAX_BYTES:,}: clear its "
+                               f"outputs before committing (e.g. nbformat, jupyter nbconvert "
+                               f"--clear-output)")
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_notebook_follows_the_rules(path):
+    """Imports npmnv3, never redefines a library operation under its name, ends with asserts."""
+    cells = _code_cells(path)
+    assert cells, f"{path.name} has no code cells"
+    assert re.search(r"^(import npmnv3|from npmnv3)", cells[0], re.MULTILINE), (
+        f"{path.name}: the first code cell must import npmnv3")
+    for i, src in enumerate(cells):
+        m = LIBRARY_DEF.search(src)
+        assert m is None, (f"{path.name}, code cell {i}: '{m.group(0)}' re-implements a library "
+                           f"operation under its own name; call npmnv3's, or name a teaching "
+                           f"version differently and assert it equals the library's")
+    assert re.search(r"^\s*assert\b", cells[-1], re.MULTILINE), (
+        f"{path.name}: the last code cell must assert the notebook's claims")
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_notebook_runs_within_budget(path, tmp_path):
+    nbformat = _require("nbformat")
+    nbclient = _require("nbclient")
+    _require("ipykernel")
+    if _uses_torch(path) and _in_ci():
+        _require("torch", f"{path.name} as a comparison with the reference")
+        _require("torchvision", f"{path.name} as a comparison with the reference")
+    nb = nbformat.read(path, as_version=4)             # an in-memory copy; the file is untouched
+    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    start = time.perf_counter()
+    try:
+        client.execute()
+    except nbclient.exceptions.CellExecutionError as e:
+        pytest.fail(f"{path.name} failed after {time.perf_counter() - start:.1f} s:\n{e}",
+                    pytrace=False)
+    except nbclient.exceptions.CellTimeoutError as e:
+        pytest.fail(f"{path.name}: a cell ran longer than {CELL_TIMEOUT} s:\n{e}", pytrace=False)
+    elapsed = time.perf_counter() - start
+    assert elapsed <= BUDGET, (f"{path.name} took {elapsed:.1f} s > its budget of {BUDGET:.0f} s "
+                               f"(slowest: {_slowest_cells(nb)})")
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert not errors, f"{path.name}: error outputs {errors}"
