@@ -27,7 +27,7 @@ import pytest
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
 EXPECTED = ("01_building_blocks", "02_inverted_residual", "03_the_network",
-            "04_compare_with_torchvision")
+            "04_compare_with_torchvision", "05_training", "06_pretrained_inference")
 CELL_TIMEOUT = 300          # seconds per cell (nbclient's timeout)
 BUDGET = 120.0              # seconds of wall time per notebook, kernel start included
 MAX_BYTES = 1_000_000       # per file on disk: commit with outputs cleared or small
