@@ -30,7 +30,14 @@ BN_MOMENTUM = 0.01     # ... momentum=0.01
 
 
 class MobileNetV3:
-    """MobileNetV3 with torchvision's structure. Build with ``mobilenet_v3_large/small``."""
+    """MobileNetV3 with torchvision's structure. Build with ``mobilenet_v3_large/small``.
+
+    ``impl`` ("fast" | "naive") picks the kernels' faces; ``fuse_bn_act`` (default True) runs
+    each batch norm and its activation as one kernel on the reference path when no module
+    outputs are recorded (``forward_intermediates`` always keeps them apart).
+    """
+
+    fuse_bn_act = True
 
     def __init__(self, spec: NetSpec, *, dropout: float = 0.2, dtype=np.float32,
                  bn_eps: float = BN_EPS, bn_momentum: float = BN_MOMENTUM, seed=None,
@@ -229,7 +236,7 @@ class MobileNetV3:
     def _accumulate(self, key, g):
         self.grads[key] = self.grads[key] + g if key in self.grads else g
 
-    def backward(self, dlogits, *, capture=()):
+    def backward(self, dlogits, *, capture=(), input_grad=True):
         """Back-propagate dL/dlogits (N, num_classes) through the last cached forward.
 
         Parameter gradients are *added* to ``self.grads`` (like torch's ``.grad``; see
@@ -238,7 +245,8 @@ class MobileNetV3:
         ``capture``: module names (``"features.16"``...) whose output gradients are stored in
         ``self.captured_grads`` on the way (Grad-CAM uses it). After a ``forward(...,
         freeze_backbone=True)`` only the classifier's gradients are computed and dL/d(features
-        output) is returned.
+        output) is returned. ``input_grad=False`` skips dL/dx (returns None): training needs
+        only the parameters' gradients, and the stem's input gradient is its costliest part.
         """
         tape = self._tape
         if tape is None:
@@ -253,7 +261,8 @@ class MobileNetV3:
         dy = dy.astype(self.dtype, copy=False)
         impl, skips = self.impl, []
         self.captured_grads = {}
-        for kind, m, cache in reversed(tape):
+        for i in range(len(tape) - 1, -1, -1):
+            kind, m, cache = tape[i]
             if kind == "end":                # dy is now dL/d(output of module m)
                 if m in capture:
                     self.captured_grads[m] = dy
@@ -261,14 +270,19 @@ class MobileNetV3:
                 dy = self._head_backward(dy, cache)
             elif kind == "act":
                 dy = K.activation_backward(m.act, dy, cache, impl=impl)
-            elif kind == "bn":
-                dy, dw, db = K.batchnorm_backward(dy, cache, impl=impl)
+            elif kind in ("bn", "bnact"):
+                back = K.batchnorm_backward if kind == "bn" else K.batchnorm_act_backward
+                dy, dw, db = back(dy, cache, impl=impl)
                 self._accumulate(f"{m.name}.1.weight", dw)
                 self._accumulate(f"{m.name}.1.bias", db)
             elif kind == "conv":
-                back = {"depthwise": K.depthwise_backward, "pointwise": K.pointwise_backward,
-                        "conv": K.conv2d_backward}[m.kind]
-                dy, dw, _ = back(dy, cache, impl=impl)
+                if m.kind == "conv":     # the first op sees x: its dx only if asked for
+                    dy, dw, _ = K.conv2d_backward(dy, cache, impl=impl,
+                                                  need_dx=input_grad or i > 0)
+                else:
+                    back = {"depthwise": K.depthwise_backward,
+                            "pointwise": K.pointwise_backward}[m.kind]
+                    dy, dw, _ = back(dy, cache, impl=impl)
                 self._accumulate(f"{m.name}.0.weight", dw)
             elif kind == "se":
                 dy, *g = K.se_backward(dy, cache, impl=impl)
@@ -279,7 +293,7 @@ class MobileNetV3:
             elif kind == "skip_from":        # x fed block and skip: add the two gradients
                 dy = dy + skips.pop()
         self._tape = None
-        return dy
+        return dy if input_grad else None
 
     def _head_backward(self, dy, cache):
         c_pool, c_fc0, c_act, c_drop, c_fc3 = cache
@@ -370,26 +384,31 @@ class MobileNetV3:
         else:
             y, c_conv = K.conv2d_forward(x, w, stride=m.stride, padding=m.padding,
                                          dilation=m.dilation, groups=m.groups, impl=impl)
+        tape.append(("conv", m, c_conv))
         bn = f"{m.name}.1"
-        z, c_bn, stats = K.batchnorm_forward(
-            y, p[f"{bn}.weight"], p[f"{bn}.bias"], b[f"{bn}.running_mean"],
-            b[f"{bn}.running_var"], training=self.training, momentum=self.bn_momentum,
-            eps=self.bn_eps, num_batches_tracked=int(b[f"{bn}.num_batches_tracked"]), impl=impl)
+        args = (p[f"{bn}.weight"], p[f"{bn}.bias"], b[f"{bn}.running_mean"],
+                b[f"{bn}.running_var"])
+        kw = dict(training=self.training, momentum=self.bn_momentum, eps=self.bn_eps,
+                  num_batches_tracked=int(b[f"{bn}.num_batches_tracked"]), impl=impl)
+        if outs is None and self.fuse_bn_act:     # one kernel: same numbers, fewer passes
+            z, c_bn, stats = K.batchnorm_act_forward(y, *args, act=m.act, **kw)
+            tape.append(("bnact", m, c_bn))
+        else:                       # BN and activation apart (recording: both outputs kept)
+            z, c_bn, stats = K.batchnorm_forward(y, *args, **kw)
+            tape.append(("bn", m, c_bn))
+            if outs is not None:
+                outs[f"{m.name}.0"], outs[f"{m.name}.1"] = y, z
+            if m.act:
+                z, c_act = K.activation_forward(m.act, z, impl=impl)
+                tape.append(("act", m, c_act))
+                if outs is not None:
+                    outs[f"{m.name}.2"] = z
+            if outs is not None:
+                outs[m.name] = z
         if self.training:
             b[f"{bn}.running_mean"], b[f"{bn}.running_var"] = stats.running_mean, \
                 stats.running_var
             b[f"{bn}.num_batches_tracked"] = np.array(stats.num_batches_tracked, dtype=np.int64)
-        tape.append(("conv", m, c_conv))
-        tape.append(("bn", m, c_bn))
-        if outs is not None:
-            outs[f"{m.name}.0"], outs[f"{m.name}.1"] = y, z
-        if m.act:
-            z, c_act = K.activation_forward(m.act, z, impl=impl)
-            tape.append(("act", m, c_act))
-            if outs is not None:
-                outs[f"{m.name}.2"] = z
-        if outs is not None:
-            outs[m.name] = z
         return z
 
     def _se_forward(self, m: SqueezeExcite, x, outs, tape):

@@ -135,9 +135,10 @@ class RMSprop(Optimizer):
             p -= self.lr * (g / avg)
 
 
-def rmsprop_torchvision(model, lr=0.064, weight_decay=1e-5, no_decay_bn_bias=False) -> RMSprop:
+def rmsprop_torchvision(model, lr=0.064, weight_decay=1e-5, no_decay_bn_bias=False,
+                        momentum=0.9) -> RMSprop:
     """RMSprop as torchvision's reference script builds it for MobileNetV3."""
-    return RMSprop(model, lr=lr, alpha=0.9, eps=0.0316, momentum=0.9,
+    return RMSprop(model, lr=lr, alpha=0.9, eps=0.0316, momentum=momentum,
                    weight_decay=weight_decay, no_decay_bn_bias=no_decay_bn_bias)
 
 

@@ -52,6 +52,11 @@ def _cases(rng):
         ("batchnorm eval", lambda x, w, b, impl: K.batchnorm_forward(
             x, w, b, np.full(3, 0.3), np.full(3, 1.7), training=False, impl=impl, **bn)[:2],
          K.batchnorm_backward, [r((2, 3, 4, 5)), r(3) + 1, r(3)], ["dx", "dweight", "dbias"]),
+        ("batchnorm + hardswish", lambda x, w, b, impl: K.batchnorm_act_forward(
+            x, w, b, np.zeros(3), np.ones(3), act="hardswish", training=True, impl=impl,
+            **bn)[:2],
+         K.batchnorm_act_backward, [r((2, 3, 4, 5)), r(3) + 1, r(3)],
+         ["dx", "dweight", "dbias"]),
         ("hardswish", lambda x, impl: K.hardswish_forward(x, impl=impl), K.hardswish_backward,
          [r((2, 3, 4)) * 4], ["dx"]),
         ("hardsigmoid", lambda x, impl: K.hardsigmoid_forward(x, impl=impl),

@@ -39,7 +39,7 @@ from .convert import (
     write_npz_atomic,
 )
 from .data_folder import ArrayDataset, ImageFolder, load_folders
-from .optim import SGD, ExponentialLR, RMSprop, StepLR
+from .optim import SGD, ExponentialLR, StepLR, rmsprop_torchvision
 
 __all__ = ["ArrayDataset", "ImageFolder", "evaluate", "fit", "load_checkpoint", "load_folders",
            "main"]
@@ -68,8 +68,7 @@ def make_optimizer(model, name, lr, momentum=0.9, weight_decay=0.0):
     if name == "sgd":
         return SGD(model, lr, momentum=momentum, weight_decay=weight_decay)
     if name == "rmsprop":                   # torchvision references/classification/train.py
-        return RMSprop(model, lr, alpha=0.9, eps=0.0316, momentum=momentum,
-                       weight_decay=weight_decay)
+        return rmsprop_torchvision(model, lr, weight_decay=weight_decay, momentum=momentum)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
@@ -119,7 +118,7 @@ def _train_epoch(model, data, opt, rng, cfg, bar):
         logits = model.forward(x, rng=rng, freeze_backbone=cfg["freeze_backbone"])
         loss, cache = K.cross_entropy_forward(logits, y, label_smoothing=cfg["label_smoothing"])
         dlogits = K.cross_entropy_backward(1.0, cache)
-        model.backward(dlogits)         # frozen backbone: classifier grads only
+        model.backward(dlogits, input_grad=False)   # frozen backbone: classifier grads only
         opt.step()
         total_loss += float(loss) * len(y)
         correct += int((logits.argmax(axis=1) == y).sum())

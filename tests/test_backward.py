@@ -85,6 +85,52 @@ def test_gradients_accumulate_and_zero_grad():
     assert all(not g.any() for _, g in model.named_grads())
 
 
+@pytest.mark.parametrize("impl", ["fast", "naive"])
+def test_backward_without_input_gradient(impl):
+    """input_grad=False returns None and leaves every parameter gradient exactly as it was."""
+    model = npmnv3.mobilenet_v3_small(width_mult=0.5, num_classes=5, dtype=np.float64, seed=0,
+                                      dropout=0.0)
+    model.impl = impl
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 40))
+    d = np.random.default_rng(1).standard_normal((2, 5))
+    state = model.state_dict()
+    model.forward(x)
+    assert model.backward(d).shape == x.shape
+    full = {k: g.copy() for k, g in model.named_grads()}
+    model.load_state_dict(state)                 # the same running statistics again
+    model.zero_grad()
+    model.forward(x)
+    assert model.backward(d, input_grad=False) is None
+    for k, g in model.named_grads():
+        np.testing.assert_array_equal(g, full[k], err_msg=k)
+
+
+@pytest.mark.parametrize("impl", ["fast", "naive"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_fused_bn_act_changes_no_number(train, impl):
+    """fuse_bn_act (the default) and separate BN / activation kernels: bitwise the same logits,
+    gradients and running statistics."""
+    results = []
+    for fuse in (True, False):
+        model = npmnv3.mobilenet_v3_large(width_mult=0.5, num_classes=7, seed=1, dropout=0.0)
+        model.impl, model.fuse_bn_act = impl, fuse
+        model.train(train)
+        x = np.random.default_rng(0).standard_normal((2, 3, 41, 35)).astype(np.float32)
+        d = np.random.default_rng(1).standard_normal((2, 7)).astype(np.float32)
+        logits = model.forward(x, keep_cache=True)
+        kinds = {kind for kind, _, _ in model._tape}
+        assert ("bnact" in kinds) == fuse and ("bn" in kinds) != fuse
+        dx = model.backward(d)
+        results.append((logits, dx, dict(model.named_grads()), model.state_dict()))
+    (l1, dx1, g1, s1), (l2, dx2, g2, s2) = results
+    np.testing.assert_array_equal(l1, l2)
+    np.testing.assert_array_equal(dx1, dx2)
+    for k in g1:
+        np.testing.assert_array_equal(g1[k], g2[k], err_msg=k)
+    for k in s1:
+        np.testing.assert_array_equal(s1[k], s2[k], err_msg=k)
+
+
 def test_backward_errors():
     model = npmnv3.mobilenet_v3_small(width_mult=0.5, num_classes=5).eval()
     x = np.zeros((1, 3, 32, 32), np.float32)

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 from support import assert_close, fd_check, randn, require_torch
 
-from npmnv3.kernels import batchnorm_backward, batchnorm_forward
+from npmnv3.kernels import (
+    activation_backward,
+    activation_forward,
+    batchnorm_act_backward,
+    batchnorm_act_forward,
+    batchnorm_backward,
+    batchnorm_forward,
+)
 
 DTYPES = [np.float32, np.float64]
 IMPLS = ("naive", "fast")
@@ -158,3 +165,109 @@ def test_bad_input():
         batchnorm_forward(x.astype(np.int64), *ok, training=True)
     with pytest.raises(ValueError, match="dtype"):
         batchnorm_forward(x.astype(np.float32), *ok, training=True)
+
+
+# ----------------------------------------------------------------------------- batch norm + act
+# batchnorm_act_*: act(batch_norm(x)) in one kernel, the tail of every Conv-BN-Act.
+
+BN_ACTS = [None, "relu", "hardswish"]
+
+
+def _torch_act(torch, act, y):
+    F = torch.nn.functional
+    return {None: lambda t: t, "relu": F.relu, "hardswish": F.hardswish}[act](y)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("act", BN_ACTS, ids=str)
+def test_bn_act_matches_torch(act, training, impl, dtype):
+    torch = require_torch()
+    rng = np.random.default_rng(26)
+    shape = (3, 5, 7, 6)
+    x = randn(rng, shape, dtype, scale=2) + dtype(0.5)
+    w, b, rm, rv = params(rng, shape[1], dtype)
+    out, cache, stats = batchnorm_act_forward(x, w, b, rm, rv, act=act, training=training,
+                                              eps=EPS, momentum=MOMENTUM,
+                                              num_batches_tracked=7, impl=impl)
+    dout = randn(rng, shape, dtype)
+    xt, wt, bt = (torch.from_numpy(a.copy()).requires_grad_() for a in (x, w, b))
+    rmt, rvt = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+    yt = _torch_act(torch, act, torch.nn.functional.batch_norm(
+        xt, rmt, rvt, wt, bt, training=training, momentum=MOMENTUM, eps=EPS))
+    yt.backward(torch.from_numpy(dout))
+    assert_close("out", out, yt, dtype)
+    dx, dw, db = batchnorm_act_backward(dout, cache, impl=impl)
+    assert_close("dx", dx, xt.grad, dtype)
+    assert_close("dweight", dw, wt.grad, dtype)
+    assert_close("dbias", db, bt.grad, dtype)
+    assert_close("running_mean", stats.running_mean, rmt, dtype)
+    assert_close("running_var", stats.running_var, rvt, dtype)
+    assert stats.num_batches_tracked == (8 if training else 7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("act", BN_ACTS, ids=str)
+def test_bn_act_fast_is_bitwise_bn_then_act(act, training, dtype):
+    """The fused fast kernel gives exactly the numbers of the two fast kernels in sequence,
+    including values that sit on the activation's kinks (0 for ReLU, +-3 for hard-swish)."""
+    rng = np.random.default_rng(27)
+    x = randn(rng, (2, 4, 9, 5), dtype, scale=3)
+    w, b, rm, rv = params(rng, 4, dtype)
+    if not training:                      # running stats that put some outputs on the kinks
+        rm, rv, w, b = (np.zeros(4, dtype), np.full(4, 1 - EPS, dtype), np.ones(4, dtype),
+                        np.zeros(4, dtype))
+        x.reshape(-1)[:6] = np.array([0, -3, 3, 6, -0.0, 1], dtype)
+    kw = dict(training=training, eps=EPS, momentum=MOMENTUM)
+    dout = randn(rng, x.shape, dtype)
+    y, c, s = batchnorm_forward(x, w, b, rm, rv, **kw)
+    if act:
+        z, ca = activation_forward(act, y)
+        g = activation_backward(act, dout, ca)
+    else:
+        z, g = y, dout
+    ref = (z, *batchnorm_backward(g, c), s.running_mean, s.running_var)
+    z2, c2, s2 = batchnorm_act_forward(x, w, b, rm, rv, act=act, **kw)
+    got = (z2, *batchnorm_act_backward(dout, c2), s2.running_mean, s2.running_var)
+    for name, a, r in zip(("out", "dx", "dweight", "dbias", "running_mean", "running_var"),
+                          got, ref):
+        np.testing.assert_array_equal(a, r, err_msg=name)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("act", BN_ACTS, ids=str)
+def test_bn_act_finite_differences_and_naive_equals_fast(act, training):
+    rng = np.random.default_rng(28)
+    x = rng.standard_normal((2, 3, 4, 5)) * 2 + 1
+    w, b, rm, rv = params(rng, 3, np.float64)
+    kw = dict(act=act, training=training, eps=EPS, momentum=MOMENTUM)
+    out, cache, _ = batchnorm_act_forward(x, w, b, rm, rv, **kw)
+    dout = rng.standard_normal(out.shape)
+    grads = batchnorm_act_backward(dout, cache)
+    for i, name in enumerate(("dx", "dweight", "dbias")):
+        fd_check(f"batchnorm_act {name}", lambda *a: batchnorm_act_forward(*a, **kw)[0],
+                 [x, w, b, rm, rv], i, grads[i], dout)
+    out_n, cache_n, _ = batchnorm_act_forward(x, w, b, rm, rv, impl="naive", **kw)
+    assert_close("naive out", out_n, out, np.float64)
+    for name, a, r in zip(("dx", "dw", "db"), batchnorm_act_backward(dout, cache_n,
+                                                                     impl="naive"), grads):
+        assert_close(f"naive {name}", a, r, np.float64)
+
+
+def test_bn_act_bad_input_and_untouched_inputs():
+    rng = np.random.default_rng(29)
+    x = rng.standard_normal((2, 3, 4, 4))
+    w, b, rm, rv = params(rng, 3, np.float64)
+    keep = [a.copy() for a in (x, w, b, rm, rv)]
+    for impl in IMPLS:
+        out, cache, _ = batchnorm_act_forward(x, w, b, rm, rv, act="hardswish", training=True,
+                                              impl=impl)
+        batchnorm_act_backward(rng.standard_normal(out.shape), cache, impl=impl)
+        with pytest.raises(ValueError, match="act must be one of"):
+            batchnorm_act_forward(x, w, b, rm, rv, act="sigmoid", training=True, impl=impl)
+        with pytest.raises(ValueError, match="dout"):
+            batchnorm_act_backward(np.zeros((2, 3, 4, 5)), cache, impl=impl)
+    for a, k in zip((x, w, b, rm, rv), keep):
+        np.testing.assert_array_equal(a, k)

@@ -103,6 +103,24 @@ def test_conv2d_naive_equals_fast(case):
             assert_close(name, a2, a1, np.float64)
 
 
+@pytest.mark.parametrize("impl", ["naive", "fast"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_conv2d_backward_without_dx(case, impl):
+    """need_dx=False: dx is None, dw and db are exactly those of the full backward."""
+    rng = np.random.default_rng(13)
+    x, w, b = make(rng, case, np.float64)
+    s, p, d, g = case[6:10]
+    y, c = conv2d_forward(x, w, b, stride=s, padding=p, dilation=d, groups=g, impl=impl)
+    dout = rng.standard_normal(y.shape)
+    _, dw, db = conv2d_backward(dout, c, impl=impl)
+    dx2, dw2, db2 = conv2d_backward(dout, c, impl=impl, need_dx=False)
+    assert dx2 is None
+    np.testing.assert_array_equal(dw2, dw)
+    assert (db2 is None) == (db is None)
+    if db is not None:
+        np.testing.assert_array_equal(db2, db)
+
+
 # ----------------------------------------------------------------------------- pointwise
 
 PW_CASES = [(1, 16, 7, 9, 24, True), (3, 24, 5, 4, 72, False), (2, 8, 1, 1, 16, True)]

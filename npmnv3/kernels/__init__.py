@@ -20,7 +20,13 @@ from .activations import (
     relu_backward,
     relu_forward,
 )
-from .batchnorm import BatchNormStats, batchnorm_backward, batchnorm_forward
+from .batchnorm import (
+    BatchNormStats,
+    batchnorm_act_backward,
+    batchnorm_act_forward,
+    batchnorm_backward,
+    batchnorm_forward,
+)
 from .conv2d import conv2d_backward, conv2d_forward, pointwise_backward, pointwise_forward
 from .depthwise import depthwise_backward, depthwise_forward
 from .dropout import dropout_backward, dropout_forward
@@ -33,6 +39,7 @@ __all__ = [
     "ACTIVATIONS", "BatchNormStats",
     "activation_backward", "activation_forward",
     "avgpool_backward", "avgpool_forward",
+    "batchnorm_act_backward", "batchnorm_act_forward",
     "batchnorm_backward", "batchnorm_forward",
     "conv2d_backward", "conv2d_forward",
     "cross_entropy_backward", "cross_entropy_forward",

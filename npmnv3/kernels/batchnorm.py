@@ -17,6 +17,11 @@ Eval mode (running statistics, a fixed affine map per channel):
     y = x * alpha + beta
   Backward: dx = dy * alpha, dweight = sum dy * xhat, dbias = sum dy.
 
+Batch norm + activation (``batchnorm_act_*``, act None / ReLU / hard-swish): out = act(y).
+  Backward: g = dL/dy = act'(y) * dout, then batch norm's backward with dy = g. The fast
+  version never stores y: one pass writes act(alpha * x + beta) (alpha, beta as in eval mode,
+  from the batch statistics in training), and the backward recomputes y from x.
+
 torch's defaults are eps=1e-5, momentum=0.1; MobileNetV3 uses eps=1e-3, momentum=0.01
 (torchvision ``mobilenetv3.py``: ``partial(nn.BatchNorm2d, eps=0.001, momentum=0.01)``).
 Kernels never touch their inputs: the forward returns the new running statistics as a
@@ -31,6 +36,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._checks import check_array, check_shape, choose_impl
+from .activations import ActCache, activation_backward, activation_forward
 
 
 class BatchNormStats(NamedTuple):
@@ -136,25 +142,32 @@ def _check_dout(dout, x):
 # One task per channel; sums accumulate in float64 (per-row partial sums in the input dtype).
 
 def _bn_stats_loops(x, mean, var):
+    # One pass over x. Each row: float64 sums of t = x - (the row's first value) give the row's
+    # mean and sum of squared deviations; rows are merged with Chan et al.'s pairwise update
+    # (no E[x^2] - E[x]^2 cancellation, however large the mean).
     N, C, H, W = x.shape
-    M = N * H * W
     for c in prange(C):
-        s = 0.0
+        cnt = 0.0
+        mu = 0.0
+        m2 = 0.0
         for n in range(N):
             for i in range(H):
-                r = x[n, c, i, 0] * 0
+                k = np.float64(x[n, c, i, 0])
+                r = 0.0
+                r2 = 0.0
                 for j in range(W):
-                    r += x[n, c, i, j]
-                s += r
-        mu = s / M
-        q = 0.0
-        for n in range(N):
-            for i in range(H):
-                for j in range(W):
-                    t = x[n, c, i, j] - mu
-                    q += t * t
+                    t = np.float64(x[n, c, i, j]) - k
+                    r += t
+                    r2 += t * t
+                row_mu = k + r / W
+                row_m2 = r2 - r * r / W
+                tot = cnt + W
+                delta = row_mu - mu
+                mu += delta * (W / tot)
+                m2 += row_m2 + delta * delta * (cnt * W / tot)
+                cnt = tot
         mean[c] = mu
-        var[c] = q / M
+        var[c] = max(m2 / cnt, 0.0)
 
 
 def _bn_affine_loops(x, alpha, beta, out):
@@ -210,7 +223,91 @@ def _bn_eval_dx_loops(dout, alpha, dx):
                 dx[n, c, i, j] = dout[n, c, i, j] * a
 
 
+# --- batch norm + activation (the Conv-BN-Act tail) -----------------------------------------
+# act codes: 0 none, 1 ReLU, 2 hard-swish. The pre-activation v = alpha*x + beta is evaluated
+# exactly as ``_bn_affine`` evaluates it (float64, rounded to x's dtype), the activation and its
+# gradient exactly as ``activations.py`` does (torch's order and kink conventions), so the fused
+# results are bitwise those of batch norm followed by the activation.
+
+def _act_grad(act, v, g, z, three, half):
+    """dL/dv from dL/d act(v) = g (torch's conventions at the kinks)."""
+    if act == 1:
+        return g if v > z else z
+    if act == 2:
+        if v <= -three:
+            return z
+        if v >= three:
+            return g
+        return g * (v / three + half)
+    return g
+
+
+def _bn_act_fwd_loops(x, alpha, beta, act, z, three, six, out):
+    N, C, H, W = x.shape
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        a = np.float64(alpha[c])
+        b = np.float64(beta[c])
+        for i in range(H):
+            for j in range(W):
+                v = x.dtype.type(a * x[n, c, i, j] + b)
+                if act == 1:
+                    v = max(v, z)
+                elif act == 2:
+                    v = (v * min(max(v + three, z), six)) / six
+                out[n, c, i, j] = v
+
+
+def _bn_act_grad_sums_loops(x, dout, alpha, beta, act, mean, rstd, z, three, half, dweight,
+                            dbias, g_out):
+    # g = act'(alpha*x + beta) * dout is written to g_out (the future dx buffer) on the way
+    N, C, H, W = x.shape
+    for c in prange(C):
+        sb = 0.0
+        sw = 0.0
+        mu = np.float64(mean[c])
+        a = np.float64(alpha[c])
+        b = np.float64(beta[c])
+        for n in range(N):
+            for i in range(H):
+                for j in range(W):
+                    xv = x[n, c, i, j]
+                    g = _act_grad(act, x.dtype.type(a * xv + b), dout[n, c, i, j], z, three,
+                                  half)
+                    g_out[n, c, i, j] = g
+                    g64 = np.float64(g)
+                    sb += g64
+                    sw += g64 * (xv - mu)
+        dbias[c] = sb
+        dweight[c] = sw * rstd[c]
+
+
+def _bn_act_dx_loops(x, mean, k, dbias, sq, training, dx):
+    # in place, dx holding g: training dx = k * (M*g - dbias - (x - mean) * sq); eval dx = g * k
+    N, C, H, W = x.shape
+    M = N * H * W
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        kc = k[c]
+        if training:
+            mu = mean[c]
+            sb = dbias[c]
+            sqc = sq[c]
+            for i in range(H):
+                for j in range(W):
+                    dx[n, c, i, j] = kc * (M * np.float64(dx[n, c, i, j]) - sb
+                                           - (x[n, c, i, j] - mu) * sqc)
+        else:
+            for i in range(H):
+                for j in range(W):
+                    dx[n, c, i, j] = dx[n, c, i, j] * kc
+
+
+_act_grad = njit(cache=True, inline="always")(_act_grad)
 _par = njit(cache=True, parallel=True)
+_bn_act_fwd = _par(_bn_act_fwd_loops)
+_bn_act_grad_sums = _par(_bn_act_grad_sums_loops)
+_bn_act_dx = _par(_bn_act_dx_loops)
 _bn_stats = _par(_bn_stats_loops)
 _bn_affine = _par(_bn_affine_loops)
 _bn_grad_sums = _par(_bn_grad_sums_loops)
@@ -264,6 +361,103 @@ def batchnorm_backward_fast(dout, cache: BatchNormCache):
     return dx, dweight64.astype(dt), dbias64.astype(dt)
 
 
+# ----------------------------------------------------------------------------- batch norm + act
+
+BN_ACTS = {None: 0, "relu": 1, "hardswish": 2}
+
+
+class BatchNormActCache(NamedTuple):
+    bn: BatchNormCache
+    act: str | None
+    alpha: np.ndarray | None    # fast: (C,) float64, the pre-activation is alpha * x + beta
+    beta: np.ndarray | None
+    pre: np.ndarray | None      # naive: the pre-activation itself (fast: None, recomputed)
+
+
+def _check_act(act):
+    if act not in BN_ACTS:
+        raise ValueError(f"act must be one of {list(BN_ACTS)}, got {act!r}")
+
+
+def batchnorm_act_forward_naive(x, weight, bias, running_mean, running_var, *, act, training,
+                                momentum=0.1, eps=1e-5, num_batches_tracked=0):
+    """act(batch_norm(x)): ``batchnorm_forward_naive`` followed by the activation, as written."""
+    _check_act(act)
+    pre, c_bn, stats = batchnorm_forward_naive(
+        x, weight, bias, running_mean, running_var, training=training, momentum=momentum,
+        eps=eps, num_batches_tracked=num_batches_tracked)
+    out = activation_forward(act, pre, impl="naive")[0] if act else pre
+    return out, BatchNormActCache(c_bn, act, None, None, pre), stats
+
+
+def batchnorm_act_backward_naive(dout, cache: BatchNormActCache):
+    """The activation's backward (g = act'(y) * dout), then batch norm's with dy = g."""
+    bn, act, alpha, beta, pre = cache
+    _check_dout(dout, bn.x)
+    if pre is None:                           # a fast forward's cache: rebuild y = alpha*x + beta
+        bc = (None, slice(None), None, None)
+        pre = (alpha[bc] * bn.x + beta[bc]).astype(bn.x.dtype)
+    g = activation_backward(act, dout, ActCache(pre), impl="naive") if act else dout
+    return batchnorm_backward_naive(g, bn)
+
+
+def batchnorm_act_forward_fast(x, weight, bias, running_mean, running_var, *, act, training,
+                               momentum=0.1, eps=1e-5, num_batches_tracked=0):
+    """Same contract as the naive version. After the statistics pass (training), one pass writes
+    act(alpha * x + beta): bitwise ``batchnorm_forward_fast`` followed by the fast activation,
+    without storing the pre-activation (the backward recomputes it from x)."""
+    _check_act(act)
+    _check_args(x, weight, bias, running_mean, running_var, training)
+    x = np.ascontiguousarray(x)
+    C = x.shape[1]
+    dt = x.dtype
+    if training:
+        M = x.shape[0] * x.shape[2] * x.shape[3]
+        mean64, var64 = np.empty(C), np.empty(C)
+        _bn_stats(x, mean64, var64)
+        rstd64 = 1 / np.sqrt(var64 + eps)
+        alpha = rstd64 * weight
+        beta = bias - mean64 * alpha
+        stats = _new_stats(mean64, var64, M, running_mean, running_var, momentum,
+                           num_batches_tracked)
+        bn = BatchNormCache(x, weight, mean64.astype(dt), rstd64.astype(dt), True)
+    else:
+        rstd, alpha, beta = _eval_affine(weight, bias, running_mean, running_var, eps)
+        stats = BatchNormStats(running_mean, running_var, int(num_batches_tracked))
+        bn = BatchNormCache(x, weight, running_mean, rstd, False)
+    alpha, beta = np.asarray(alpha, np.float64), np.asarray(beta, np.float64)
+    out = np.empty_like(x)
+    t = dt.type
+    _bn_act_fwd(x, alpha, beta, BN_ACTS[act], t(0), t(3), t(6), out)
+    return out, BatchNormActCache(bn, act, alpha, beta, None), stats
+
+
+def batchnorm_act_backward_fast(dout, cache: BatchNormActCache):
+    """Same contract as the naive version, in two fused passes: the first recomputes the
+    pre-activation, applies the activation's gradient and sums dbias and dweight, leaving
+    g = act'(y) * dout in the dx buffer; the second turns g into dx in place."""
+    bn, act, alpha, beta, pre = cache
+    if pre is not None:                       # a naive forward's cache
+        return batchnorm_act_backward_naive(dout, cache)
+    x, weight, mean, rstd, training = bn
+    _check_dout(dout, x)
+    dout = np.ascontiguousarray(dout)
+    C = x.shape[1]
+    dt = x.dtype
+    t = dt.type
+    dweight64, dbias64 = np.empty(C), np.empty(C)
+    dx = np.empty_like(x)
+    _bn_act_grad_sums(x, dout, alpha, beta, BN_ACTS[act], mean, rstd, t(0), t(3), t(0.5),
+                      dweight64, dbias64, dx)
+    if training:
+        M = x.shape[0] * x.shape[2] * x.shape[3]
+        r64 = rstd.astype(np.float64)
+        _bn_act_dx(x, mean, weight * r64 / M, dbias64, dweight64 * r64, True, dx)
+    else:
+        _bn_act_dx(x, mean, (weight * rstd).astype(np.float64), dbias64, dbias64, False, dx)
+    return dx, dweight64.astype(dt), dbias64.astype(dt)
+
+
 # ----------------------------------------------------------------------------- public API
 
 def batchnorm_forward(x, weight, bias, running_mean, running_var, *, training, momentum=0.1,
@@ -281,3 +475,22 @@ def batchnorm_forward(x, weight, bias, running_mean, running_var, *, training, m
 def batchnorm_backward(dout, cache, *, impl="fast"):
     """Gradients of ``batchnorm_forward``: ``(dx, dweight, dbias)``."""
     return choose_impl(impl, batchnorm_backward_fast, batchnorm_backward_naive)(dout, cache)
+
+
+def batchnorm_act_forward(x, weight, bias, running_mean, running_var, *, act, training,
+                          momentum=0.1, eps=1e-5, num_batches_tracked=0, impl="fast"):
+    """``act(batchnorm(x))`` for act None, "relu" or "hardswish": the tail of every Conv-BN-Act.
+
+    Returns ``(out, cache, BatchNormStats)`` like ``batchnorm_forward``, with the values of
+    ``batchnorm_forward`` followed by ``activation_forward`` (bitwise, for the fast versions) in
+    fewer passes over memory: the pre-activation is not stored, the backward recomputes it.
+    """
+    f = choose_impl(impl, batchnorm_act_forward_fast, batchnorm_act_forward_naive)
+    return f(x, weight, bias, running_mean, running_var, act=act, training=training,
+             momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked)
+
+
+def batchnorm_act_backward(dout, cache, *, impl="fast"):
+    """Gradients of ``batchnorm_act_forward``: ``(dx, dweight, dbias)``."""
+    f = choose_impl(impl, batchnorm_act_backward_fast, batchnorm_act_backward_naive)
+    return f(dout, cache)

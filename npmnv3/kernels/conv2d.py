@@ -81,12 +81,13 @@ def conv2d_forward_naive(x, w, b=None, *, stride=1, padding=0, dilation=1, group
     return out, Conv2dCache(x, w, b is not None, stride, padding, dilation, groups)
 
 
-def conv2d_backward_naive(dout, cache: Conv2dCache):
+def conv2d_backward_naive(dout, cache: Conv2dCache, need_dx: bool = True):
     """Gradients by scattering each output's gradient back over its receptive field.
 
     dx[n, c, i*s+u*d-p, j*s+v*d-p] += w[k, c', u, v] * dout[n, k, i, j]
     dw[k, c', u, v] += xp[n, c, i*s+u*d, j*s+v*d] * dout[n, k, i, j];  db[k] = sum dout[:, k]
-    Returns ``(dx, dw, db)``; ``db`` is None when the forward had no bias.
+    Returns ``(dx, dw, db)``; ``db`` is None when the forward had no bias, ``dx`` is None when
+    ``need_dx`` is false (the network's input needs no gradient in training).
     """
     x, w, has_bias, s, p, d, groups = cache
     N, C, H, W = x.shape
@@ -106,7 +107,7 @@ def conv2d_backward_naive(dout, cache: Conv2dCache):
                     cols = slice(j * s, j * s + d * (kW - 1) + 1, d)
                     dxp[n, g * Cg:(g + 1) * Cg, rows, cols] += w[k] * dout[n, k, i, j]
                     dw[k] += xp[n, g * Cg:(g + 1) * Cg, rows, cols] * dout[n, k, i, j]
-    dx = dxp[:, :, p:p + H, p:p + W].copy()
+    dx = dxp[:, :, p:p + H, p:p + W].copy() if need_dx else None
     db = dout.sum(axis=(0, 2, 3)) if has_bias else None
     return dx, dw, db
 
@@ -215,17 +216,18 @@ def conv2d_forward_fast(x, w, b=None, *, stride=1, padding=0, dilation=1, groups
     return out, Conv2dCache(x, w, b is not None, stride, padding, dilation, groups)
 
 
-def conv2d_backward_fast(dout, cache: Conv2dCache):
+def conv2d_backward_fast(dout, cache: Conv2dCache, need_dx: bool = True):
     """dW = sum_n dout_n @ cols_n^T,  dcols = W^T @ dout, dx = col2im(dcols),  db = sum dout.
 
-    Returns ``(dx, dw, db)`` like ``conv2d_backward_naive``.
+    Returns ``(dx, dw, db)`` like ``conv2d_backward_naive`` (``dx`` None unless ``need_dx``).
     """
     x, w, has_bias, s, p, d, groups = cache
     _check_dout(dout, cache)
     N, C, H, W = x.shape
     K, Cg, kH, kW = w.shape
     if kH == kW == 1 and s == 1 and p == 0 and groups == 1:
-        return pointwise_backward_fast(dout, PointwiseCache(x, w, has_bias))
+        dx, dw, db = pointwise_backward_fast(dout, PointwiseCache(x, w, has_bias))
+        return (dx if need_dx else None), dw, db
     Ho, Wo = dout.shape[2:]
     G, Kg = groups, K // groups
     cols = _im2col(x, kH, kW, Ho, Wo, s, p, d, G)                  # (N, G, Cg*kH*kW, L)
@@ -233,6 +235,9 @@ def conv2d_backward_fast(dout, cache: Conv2dCache):
     dw = np.zeros((G, Kg, Cg * kH * kW), dtype=x.dtype)
     for n in range(N):                                             # one GEMM per image
         dw += np.matmul(dy[n], cols[n].transpose(0, 2, 1))         # (G, Kg, Cg*kH*kW)
+    db = dout.sum(axis=(0, 2, 3)) if has_bias else None
+    if not need_dx:
+        return None, dw.reshape(w.shape), db
     wm = w.reshape(G, Kg, Cg * kH * kW)
     dcols = np.matmul(wm.transpose(0, 2, 1), dy)                   # (N, G, Cg*kH*kW, L)
     dcols = dcols.reshape(N, C, kH, kW, Ho, Wo)
@@ -242,7 +247,6 @@ def conv2d_backward_fast(dout, cache: Conv2dCache):
             dxp[:, :, u * d:u * d + s * (Ho - 1) + 1:s,
                 v * d:v * d + s * (Wo - 1) + 1:s] += dcols[:, :, u, v]
     dx = np.ascontiguousarray(dxp[:, :, p:p + H, p:p + W])
-    db = dout.sum(axis=(0, 2, 3)) if has_bias else None
     return dx, dw.reshape(w.shape), db
 
 
@@ -343,9 +347,10 @@ def conv2d_forward(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, i
     return f(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
-def conv2d_backward(dout, cache, *, impl="fast"):
-    """Gradients of ``conv2d_forward``: returns ``(dx, dw, db)`` (db None without bias)."""
-    return choose_impl(impl, conv2d_backward_fast, conv2d_backward_naive)(dout, cache)
+def conv2d_backward(dout, cache, *, impl="fast", need_dx=True):
+    """Gradients of ``conv2d_forward``: returns ``(dx, dw, db)`` (db None without bias; dx None
+    when ``need_dx`` is false, which skips its computation)."""
+    return choose_impl(impl, conv2d_backward_fast, conv2d_backward_naive)(dout, cache, need_dx)
 
 
 def pointwise_forward(x, w, b=None, *, impl="fast"):
