@@ -8,7 +8,7 @@ other, so the two libraries never share thread pools or memory: float32, 224x224
 random weights (speed does not depend on them). Reported per configuration: ms per image
 (median over repeats, after warm-up), the ratio npmnv3 / PyTorch's faster layout, the cold start
 (interpreter start to the first logits: import, build, first forward; npmnv3 with a warm Numba
-cache) and the peak resident memory of a batch-32 forward (ru_maxrss of the worker).
+cache) and the peak resident memory of a batch-32 forward (VmHWM of the worker).
 """
 
 from __future__ import annotations
@@ -21,14 +21,16 @@ import subprocess
 import sys
 import time
 
+from common import peak_rss_mb
+
 THREADS = "2"
 
 
 def worker(side: str, arch: str, batch: int, mode: str, reps: int) -> dict:
     """One measurement in this (fresh) process; returns a dict printed as JSON."""
-    import resource
-
     t_start = time.perf_counter()
+    if side == "npmnv3":      # first, as the README says: it sets NumPy's OpenBLAS thread timeout
+        import npmnv3  # noqa: F401
     import numpy as np
     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
     if side == "npmnv3":
@@ -54,7 +56,7 @@ def worker(side: str, arch: str, batch: int, mode: str, reps: int) -> dict:
         return {"cold_s": first}
     if mode == "mem":
         run()
-        return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        return {"peak_mb": peak_rss_mb()}
     for _ in range(2):
         run()
     times = []

@@ -9,7 +9,7 @@ decay. Every measurement runs in its own fresh Python process (a worker of this 
 after the other, so the two libraries never share thread pools or memory: float32, 224x224,
 2 threads, random weights and labels (speed does not depend on them). Reported: ms per image
 (median step time over ``--reps`` steps after 2 warm-up steps, divided by the batch), the ratio
-npmnv3 / PyTorch's faster layout, and the worker's peak resident memory (ru_maxrss: weights,
+npmnv3 / PyTorch's faster layout, and the worker's peak resident memory (VmHWM: weights,
 gradients, optimizer state and everything the backward keeps).
 """
 
@@ -22,6 +22,8 @@ import platform
 import subprocess
 import sys
 import time
+
+from common import peak_rss_mb
 
 THREADS = "2"
 
@@ -70,8 +72,8 @@ def _torch_step(arch, x, y, channels_last):
 
 def worker(side: str, arch: str, batch: int, reps: int) -> dict:
     """Time ``reps`` steps in this (fresh) process; returns a dict printed as JSON."""
-    import resource
-
+    if side == "npmnv3":      # first, as the README says: it sets NumPy's OpenBLAS thread timeout
+        import npmnv3  # noqa: F401
     import numpy as np
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)
@@ -87,7 +89,7 @@ def worker(side: str, arch: str, batch: int, reps: int) -> dict:
         times.append(time.perf_counter() - t0)
     times.sort()
     return {"ms_per_image": 1e3 * times[len(times) // 2] / batch,
-            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_mb": peak_rss_mb()}
 
 
 def measure(side, arch, batch, reps):

@@ -27,7 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+# What `import npmnv3` sets when it comes before NumPy (README, "Thread pools").
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+import numpy as np  # noqa: E402
 
 
 def write_digits_folder(root, image_size=32, test_fraction=0.2, seed=0) -> tuple[int, int]:

@@ -1,0 +1,23 @@
+"""Helpers shared by the benchmark scripts (imported from benchmarks/ as the working module)."""
+
+from __future__ import annotations
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB: ``VmHWM`` from /proc/self/status (Linux).
+
+    Not ``ru_maxrss``: Linux carries the parent's high-water mark across fork + exec, so a worker
+    started by a parent that imported torch (~500 MB) would report at least the parent's RSS.
+    ``VmHWM`` belongs to the address space that exec created. Elsewhere: ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024            # kB
+    except OSError:
+        pass
+    import resource
+    import sys
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, else kB
