@@ -19,13 +19,10 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
-from common import peak_rss_mb
-
-THREADS = "2"
+from common import THREADS, peak_rss_mb, run_worker
 
 
 def _npmnv3_step(arch, x, y):
@@ -93,14 +90,7 @@ def worker(side: str, arch: str, batch: int, reps: int) -> dict:
 
 
 def measure(side, arch, batch, reps):
-    env = dict(os.environ, OMP_NUM_THREADS=THREADS, NUMBA_NUM_THREADS=THREADS,
-               OPENBLAS_NUM_THREADS=THREADS, MKL_NUM_THREADS=THREADS)
-    cmd = [sys.executable, __file__, "--worker", side, "--arch", arch, "--batch", str(batch),
-           "--reps", str(reps)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
-    if res.returncode:
-        raise RuntimeError(f"worker {cmd} failed:\n{res.stderr}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, side, "--arch", arch, "--batch", str(batch), "--reps", str(reps))
 
 
 def main():

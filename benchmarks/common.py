@@ -2,6 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
+THREADS = "2"
+
+
+def run_worker(script: str, *args: str, timeout: float = 3600) -> dict:
+    """Run ``python script --worker ...args`` in a fresh process with 2 threads for every pool
+    (OpenMP, Numba, OpenBLAS, MKL) and return the JSON dict it prints last."""
+    env = dict(os.environ, OMP_NUM_THREADS=THREADS, NUMBA_NUM_THREADS=THREADS,
+               OPENBLAS_NUM_THREADS=THREADS, MKL_NUM_THREADS=THREADS)
+    cmd = [sys.executable, script, "--worker", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if res.returncode:
+        raise RuntimeError(f"worker {cmd} failed:\n{res.stderr}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process in MB: ``VmHWM`` from /proc/self/status (Linux).

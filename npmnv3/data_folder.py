@@ -70,6 +70,17 @@ def resized_crop(image: Image.Image, top, left, h, w, size) -> Image.Image:
     return image.resize((size, size), Image.BILINEAR)
 
 
+def batch_indices(n, batch_size, rng, shuffle, min_size):
+    """Index arrays of consecutive batches of range(n) (permuted by ``rng`` if ``shuffle``);
+    a last batch smaller than ``min_size`` is dropped."""
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        if len(idx) < min_size:
+            return
+        yield idx
+
+
 class TrainTransform:
     """RandomResizedCrop(size, scale, ratio) + RandomHorizontalFlip(hflip) + normalisation."""
 
@@ -211,11 +222,7 @@ class ImageFolder:
         (the last one) are dropped; images that fail to decode are left out and recorded.
         ``rng``: the Generator (or seed) of the order and the transform's draws."""
         rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-        order = rng.permutation(len(self)) if shuffle else np.arange(len(self))
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            if len(idx) < min_size:
-                return
+        for idx in batch_indices(len(self), batch_size, rng, shuffle, min_size):
             xs, ys = [], []
             for i in idx:
                 path, label = self.samples[i]
@@ -258,12 +265,9 @@ class ArrayDataset:
         return len(self.x)
 
     def batches(self, batch_size, *, rng=None, shuffle=False, min_size=1):
+        """Yield ``(x, y)`` batches like ``ImageFolder.batches`` (no decoding, no transform)."""
         rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-        order = rng.permutation(len(self)) if shuffle else np.arange(len(self))
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            if len(idx) < min_size:
-                return
+        for idx in batch_indices(len(self), batch_size, rng, shuffle, min_size):
             yield self.x[idx], self.targets[idx]
 
 

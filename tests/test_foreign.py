@@ -31,7 +31,9 @@ from npmnv3.foreign import (
 )
 from npmnv3.gradcheck import rel_error
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"   # beside the repo
+# The key maps recorded from timm and netspresso-trainer themselves (the project's reference
+# folder, copied here so that the tests carry their own evidence).
+KEYMAPS = Path(__file__).resolve().parent / "data" / "keymaps"
 TIMM_NAMES = {"large": "mobilenetv3_large_100", "small": "mobilenetv3_small_100"}
 N_KEYS = {"large": 312, "small": 244}
 
@@ -71,10 +73,8 @@ def assert_same(ours: dict, ref: dict):
 
 def read_map_file(source: str, arch: str):
     name = {"timm": "timm", "netspresso-trainer": "netspresso"}[source]
-    path = REFERENCE / f"map_torchvision_to_{name}_{arch}.txt"
-    if not path.is_file():
-        pytest.skip(f"{path} not found: the recorded key maps are only in the project's "
-                    f"shared reference folder")
+    path = KEYMAPS / f"map_torchvision_to_{name}_{arch}.txt"
+    assert path.is_file(), f"{path} is missing from the repository"
     rows = []
     for line in path.read_text().splitlines():
         tv, tv_shape, arrow, key, shape = line.split("\t")

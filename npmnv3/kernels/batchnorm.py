@@ -139,7 +139,8 @@ def _check_dout(dout, x):
 
 
 # ----------------------------------------------------------------------------- fast (Numba)
-# One task per channel; sums accumulate in float64 (per-row partial sums in the input dtype).
+# Sums and statistics: one task per channel, accumulated in float64. Element-wise passes: one
+# task per (image, channel) plane.
 
 def _bn_stats_loops(x, mean, var):
     # One pass over x. Each row: float64 sums of t = x - (the row's first value) give the row's
@@ -170,64 +171,12 @@ def _bn_stats_loops(x, mean, var):
         var[c] = max(m2 / cnt, 0.0)
 
 
-def _bn_affine_loops(x, alpha, beta, out):
-    N, C, H, W = x.shape
-    for nc in prange(N * C):
-        n, c = nc // C, nc % C
-        a = np.float64(alpha[c])
-        b = np.float64(beta[c])
-        for i in range(H):
-            for j in range(W):
-                out[n, c, i, j] = a * x[n, c, i, j] + b          # fma emulated in float64
-
-
-def _bn_grad_sums_loops(x, dout, mean, rstd, dweight, dbias):
-    N, C, H, W = x.shape
-    for c in prange(C):
-        sb = 0.0
-        sw = 0.0
-        mu = np.float64(mean[c])
-        for n in range(N):
-            for i in range(H):
-                for j in range(W):
-                    g = np.float64(dout[n, c, i, j])
-                    sb += g
-                    sw += g * (x[n, c, i, j] - mu)
-        dbias[c] = sb
-        dweight[c] = sw * rstd[c]
-
-
-def _bn_train_dx_loops(x, dout, mean, k, dbias, dweight_over_rstd2, dx):
-    # dx = k * (M*dy - dbias - (x - mean) * rstd^2 * dweight_raw), k = weight*rstd/M
-    N, C, H, W = x.shape
-    M = N * H * W
-    for nc in prange(N * C):
-        n, c = nc // C, nc % C
-        kc = k[c]
-        mu = mean[c]
-        sb = dbias[c]
-        sq = dweight_over_rstd2[c]
-        for i in range(H):
-            for j in range(W):
-                dx[n, c, i, j] = kc * (M * np.float64(dout[n, c, i, j]) - sb
-                                       - (x[n, c, i, j] - mu) * sq)
-
-
-def _bn_eval_dx_loops(dout, alpha, dx):
-    N, C, H, W = dout.shape
-    for nc in prange(N * C):
-        n, c = nc // C, nc % C
-        a = alpha[c]
-        for i in range(H):
-            for j in range(W):
-                dx[n, c, i, j] = dout[n, c, i, j] * a
-
-
 # --- batch norm + activation (the Conv-BN-Act tail) -----------------------------------------
 # act codes: 0 none, 1 ReLU, 2 hard-swish. The pre-activation v = alpha*x + beta is evaluated
-# exactly as ``_bn_affine`` evaluates it (float64, rounded to x's dtype), the activation and its
-# gradient exactly as ``activations.py`` does (torch's order and kink conventions), so the fused
-# results are bitwise those of batch norm followed by the activation.
+# in float64 and rounded to x's dtype (torch's eval kernel is an FMA: one rounding), the
+# activation and its gradient exactly as ``activations.py`` does (torch's order and kink
+# conventions), so the fused results are bitwise those of batch norm followed by the activation.
+# act 0 is plain batch norm: ``batchnorm_*_fast`` run these same loops.
 
 def _act_grad(act, v, g, z, three, half):
     """dL/dv from dL/d act(v) = g (torch's conventions at the kinks)."""
@@ -303,25 +252,22 @@ def _bn_act_dx_loops(x, mean, k, dbias, sq, training, dx):
                     dx[n, c, i, j] = dx[n, c, i, j] * kc
 
 
+BN_ACTS = {None: 0, "relu": 1, "hardswish": 2}       # the act codes of the loops above
 _act_grad = njit(cache=True, inline="always")(_act_grad)
 _par = njit(cache=True, parallel=True)
 _bn_act_fwd = _par(_bn_act_fwd_loops)
 _bn_act_grad_sums = _par(_bn_act_grad_sums_loops)
 _bn_act_dx = _par(_bn_act_dx_loops)
 _bn_stats = _par(_bn_stats_loops)
-_bn_affine = _par(_bn_affine_loops)
-_bn_grad_sums = _par(_bn_grad_sums_loops)
-_bn_train_dx = _par(_bn_train_dx_loops)
-_bn_eval_dx = _par(_bn_eval_dx_loops)
 
 
-def batchnorm_forward_fast(x, weight, bias, running_mean, running_var, *, training,
-                           momentum=0.1, eps=1e-5, num_batches_tracked=0):
-    """Same contract as ``batchnorm_forward_naive``; fused Numba passes, float64 sums."""
+def _forward_core(x, weight, bias, running_mean, running_var, act, training, momentum, eps,
+                  num_batches_tracked):
+    """act(batch norm(x)) with the fast loops: (out, BatchNormCache, stats, alpha, beta)."""
     _check_args(x, weight, bias, running_mean, running_var, training)
     x = np.ascontiguousarray(x)
     C = x.shape[1]
-    out = np.empty_like(x)
+    dt = x.dtype
     if training:
         M = x.shape[0] * x.shape[2] * x.shape[3]
         mean64, var64 = np.empty(C), np.empty(C)
@@ -329,42 +275,57 @@ def batchnorm_forward_fast(x, weight, bias, running_mean, running_var, *, traini
         rstd64 = 1 / np.sqrt(var64 + eps)
         alpha = rstd64 * weight
         beta = bias - mean64 * alpha
-        _bn_affine(x, alpha, beta, out)
-        dt = x.dtype
         stats = _new_stats(mean64, var64, M, running_mean, running_var, momentum,
                            num_batches_tracked)
         cache = BatchNormCache(x, weight, mean64.astype(dt), rstd64.astype(dt), True)
-        return out, cache, stats
-    rstd, alpha, beta = _eval_affine(weight, bias, running_mean, running_var, eps)
-    _bn_affine(x, alpha, beta, out)
-    stats = BatchNormStats(running_mean, running_var, int(num_batches_tracked))
-    return out, BatchNormCache(x, weight, running_mean, rstd, False), stats
+    else:
+        rstd, alpha, beta = _eval_affine(weight, bias, running_mean, running_var, eps)
+        stats = BatchNormStats(running_mean, running_var, int(num_batches_tracked))
+        cache = BatchNormCache(x, weight, running_mean, rstd, False)
+    alpha, beta = np.asarray(alpha, np.float64), np.asarray(beta, np.float64)
+    out = np.empty_like(x)
+    t = dt.type
+    _bn_act_fwd(x, alpha, beta, BN_ACTS[act], t(0), t(3), t(6), out)
+    return out, cache, stats, alpha, beta
 
 
-def batchnorm_backward_fast(dout, cache: BatchNormCache):
-    """Same contract as ``batchnorm_backward_naive``: ``(dx, dweight, dbias)``."""
+def _backward_core(dout, cache: BatchNormCache, act, alpha, beta):
+    """Two passes: g = act'(alpha*x + beta) * dout (g = dout without act) and the sums of g and
+    g * (x - mean) into the dx buffer; then dx from g in place. Returns (dx, dweight, dbias)."""
     x, weight, mean, rstd, training = cache
     _check_dout(dout, x)
     dout = np.ascontiguousarray(dout)
     C = x.shape[1]
     dt = x.dtype
+    t = dt.type
     dweight64, dbias64 = np.empty(C), np.empty(C)
-    _bn_grad_sums(x, dout, mean, rstd, dweight64, dbias64)
     dx = np.empty_like(x)
+    _bn_act_grad_sums(x, dout, alpha, beta, BN_ACTS[act], mean, rstd, t(0), t(3), t(0.5),
+                      dweight64, dbias64, dx)
     if training:
         M = x.shape[0] * x.shape[2] * x.shape[3]
         r64 = rstd.astype(np.float64)
-        k = weight * r64 / M
-        _bn_train_dx(x, dout, mean, k, dbias64, dweight64 * r64, dx)
+        _bn_act_dx(x, mean, weight * r64 / M, dbias64, dweight64 * r64, True, dx)
     else:
-        _bn_eval_dx(dout, weight * rstd, dx)
+        _bn_act_dx(x, mean, (weight * rstd).astype(np.float64), dbias64, dbias64, False, dx)
     return dx, dweight64.astype(dt), dbias64.astype(dt)
 
 
+def batchnorm_forward_fast(x, weight, bias, running_mean, running_var, *, training,
+                           momentum=0.1, eps=1e-5, num_batches_tracked=0):
+    """Same contract as ``batchnorm_forward_naive``; fused Numba passes, float64 sums."""
+    out, cache, stats, _, _ = _forward_core(x, weight, bias, running_mean, running_var, None,
+                                            training, momentum, eps, num_batches_tracked)
+    return out, cache, stats
+
+
+def batchnorm_backward_fast(dout, cache: BatchNormCache):
+    """Same contract as ``batchnorm_backward_naive``: ``(dx, dweight, dbias)``."""
+    unused = np.zeros(cache.x.shape[1])
+    return _backward_core(dout, cache, None, unused, unused)
+
+
 # ----------------------------------------------------------------------------- batch norm + act
-
-BN_ACTS = {None: 0, "relu": 1, "hardswish": 2}
-
 
 class BatchNormActCache(NamedTuple):
     bn: BatchNormCache
@@ -407,28 +368,8 @@ def batchnorm_act_forward_fast(x, weight, bias, running_mean, running_var, *, ac
     act(alpha * x + beta): bitwise ``batchnorm_forward_fast`` followed by the fast activation,
     without storing the pre-activation (the backward recomputes it from x)."""
     _check_act(act)
-    _check_args(x, weight, bias, running_mean, running_var, training)
-    x = np.ascontiguousarray(x)
-    C = x.shape[1]
-    dt = x.dtype
-    if training:
-        M = x.shape[0] * x.shape[2] * x.shape[3]
-        mean64, var64 = np.empty(C), np.empty(C)
-        _bn_stats(x, mean64, var64)
-        rstd64 = 1 / np.sqrt(var64 + eps)
-        alpha = rstd64 * weight
-        beta = bias - mean64 * alpha
-        stats = _new_stats(mean64, var64, M, running_mean, running_var, momentum,
-                           num_batches_tracked)
-        bn = BatchNormCache(x, weight, mean64.astype(dt), rstd64.astype(dt), True)
-    else:
-        rstd, alpha, beta = _eval_affine(weight, bias, running_mean, running_var, eps)
-        stats = BatchNormStats(running_mean, running_var, int(num_batches_tracked))
-        bn = BatchNormCache(x, weight, running_mean, rstd, False)
-    alpha, beta = np.asarray(alpha, np.float64), np.asarray(beta, np.float64)
-    out = np.empty_like(x)
-    t = dt.type
-    _bn_act_fwd(x, alpha, beta, BN_ACTS[act], t(0), t(3), t(6), out)
+    out, bn, stats, alpha, beta = _forward_core(x, weight, bias, running_mean, running_var, act,
+                                                training, momentum, eps, num_batches_tracked)
     return out, BatchNormActCache(bn, act, alpha, beta, None), stats
 
 
@@ -436,26 +377,9 @@ def batchnorm_act_backward_fast(dout, cache: BatchNormActCache):
     """Same contract as the naive version, in two fused passes: the first recomputes the
     pre-activation, applies the activation's gradient and sums dbias and dweight, leaving
     g = act'(y) * dout in the dx buffer; the second turns g into dx in place."""
-    bn, act, alpha, beta, pre = cache
-    if pre is not None:                       # a naive forward's cache
+    if cache.pre is not None:                 # a naive forward's cache
         return batchnorm_act_backward_naive(dout, cache)
-    x, weight, mean, rstd, training = bn
-    _check_dout(dout, x)
-    dout = np.ascontiguousarray(dout)
-    C = x.shape[1]
-    dt = x.dtype
-    t = dt.type
-    dweight64, dbias64 = np.empty(C), np.empty(C)
-    dx = np.empty_like(x)
-    _bn_act_grad_sums(x, dout, alpha, beta, BN_ACTS[act], mean, rstd, t(0), t(3), t(0.5),
-                      dweight64, dbias64, dx)
-    if training:
-        M = x.shape[0] * x.shape[2] * x.shape[3]
-        r64 = rstd.astype(np.float64)
-        _bn_act_dx(x, mean, weight * r64 / M, dbias64, dweight64 * r64, True, dx)
-    else:
-        _bn_act_dx(x, mean, (weight * rstd).astype(np.float64), dbias64, dbias64, False, dx)
-    return dx, dweight64.astype(dt), dbias64.astype(dt)
+    return _backward_core(dout, cache.bn, cache.act, cache.alpha, cache.beta)
 
 
 # ----------------------------------------------------------------------------- public API
