@@ -209,7 +209,8 @@ def _bn_act_fwd_loops(x, alpha, beta, act, z, three, six, out):
 
 def _bn_act_grad_sums_loops(x, dout, alpha, beta, act, mean, rstd, z, three, half, dweight,
                             dbias, g_out):
-    # g = act'(alpha*x + beta) * dout is written to g_out (the future dx buffer) on the way
+    # with an activation, g = act'(alpha*x + beta) * dout is stored in g_out (the future dx
+    # buffer) on the way; without one g is dout itself and nothing is stored
     N, C, H, W = x.shape
     for c in prange(C):
         sb = 0.0
@@ -223,7 +224,8 @@ def _bn_act_grad_sums_loops(x, dout, alpha, beta, act, mean, rstd, z, three, hal
                     xv = x[n, c, i, j]
                     g = _act_grad(act, x.dtype.type(a * xv + b), dout[n, c, i, j], z, three,
                                   half)
-                    g_out[n, c, i, j] = g
+                    if act != 0:
+                        g_out[n, c, i, j] = g
                     g64 = np.float64(g)
                     sb += g64
                     sw += g64 * (xv - mu)
@@ -231,8 +233,8 @@ def _bn_act_grad_sums_loops(x, dout, alpha, beta, act, mean, rstd, z, three, hal
         dweight[c] = sw * rstd[c]
 
 
-def _bn_act_dx_loops(x, mean, k, dbias, sq, training, dx):
-    # in place, dx holding g: training dx = k * (M*g - dbias - (x - mean) * sq); eval dx = g * k
+def _bn_act_dx_loops(x, g, mean, k, dbias, sq, training, dx):
+    # training dx = k * (M*g - dbias - (x - mean) * sq); eval dx = g * k (g may be dx itself)
     N, C, H, W = x.shape
     M = N * H * W
     for nc in prange(N * C):
@@ -244,12 +246,12 @@ def _bn_act_dx_loops(x, mean, k, dbias, sq, training, dx):
             sqc = sq[c]
             for i in range(H):
                 for j in range(W):
-                    dx[n, c, i, j] = kc * (M * np.float64(dx[n, c, i, j]) - sb
+                    dx[n, c, i, j] = kc * (M * np.float64(g[n, c, i, j]) - sb
                                            - (x[n, c, i, j] - mu) * sqc)
         else:
             for i in range(H):
                 for j in range(W):
-                    dx[n, c, i, j] = dx[n, c, i, j] * kc
+                    dx[n, c, i, j] = g[n, c, i, j] * kc
 
 
 BN_ACTS = {None: 0, "relu": 1, "hardswish": 2}       # the act codes of the loops above
@@ -290,8 +292,8 @@ def _forward_core(x, weight, bias, running_mean, running_var, act, training, mom
 
 
 def _backward_core(dout, cache: BatchNormCache, act, alpha, beta):
-    """Two passes: g = act'(alpha*x + beta) * dout (g = dout without act) and the sums of g and
-    g * (x - mean) into the dx buffer; then dx from g in place. Returns (dx, dweight, dbias)."""
+    """Two passes: the sums of g = act'(alpha*x + beta) * dout (g = dout without act) and of
+    g * (x - mean), g kept in the dx buffer; then dx from g (in place). (dx, dweight, dbias)."""
     x, weight, mean, rstd, training = cache
     _check_dout(dout, x)
     dout = np.ascontiguousarray(dout)
@@ -302,12 +304,13 @@ def _backward_core(dout, cache: BatchNormCache, act, alpha, beta):
     dx = np.empty_like(x)
     _bn_act_grad_sums(x, dout, alpha, beta, BN_ACTS[act], mean, rstd, t(0), t(3), t(0.5),
                       dweight64, dbias64, dx)
+    g = dx if act else dout
     if training:
         M = x.shape[0] * x.shape[2] * x.shape[3]
         r64 = rstd.astype(np.float64)
-        _bn_act_dx(x, mean, weight * r64 / M, dbias64, dweight64 * r64, True, dx)
+        _bn_act_dx(x, g, mean, weight * r64 / M, dbias64, dweight64 * r64, True, dx)
     else:
-        _bn_act_dx(x, mean, (weight * rstd).astype(np.float64), dbias64, dbias64, False, dx)
+        _bn_act_dx(x, g, mean, (weight * rstd).astype(np.float64), dbias64, dbias64, False, dx)
     return dx, dweight64.astype(dt), dbias64.astype(dt)
 
 
