@@ -25,25 +25,41 @@ def params(rng, C, dtype):
             randn(rng, (C,), dtype), rng.uniform(0.5, 2.0, C).astype(dtype))
 
 
+PLAIN = "batchnorm"          # batchnorm_*; the other values are batchnorm_act_*'s act
+
+
+def _torch_act(torch, act, y):
+    F = torch.nn.functional
+    return {PLAIN: lambda t: t, None: lambda t: t, "relu": F.relu,
+            "hardswish": F.hardswish}[act](y)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_torch(shape, training, impl, dtype):
+@pytest.mark.parametrize("act", [PLAIN, None, "relu", "hardswish"], ids=str)
+def test_matches_torch(act, shape, training, impl, dtype):
+    """batchnorm_* (PLAIN) and batchnorm_act_* (BN + activation) vs torch's F.batch_norm (+
+    F.relu / F.hardswish): output, every gradient, running statistics."""
     torch = require_torch()
     rng = np.random.default_rng(20)
     x = randn(rng, shape, dtype, scale=2) + dtype(0.5)
     w, b, rm, rv = params(rng, shape[1], dtype)
-    out, cache, stats = batchnorm_forward(x, w, b, rm, rv, training=training, eps=EPS,
-                                          momentum=MOMENTUM, num_batches_tracked=7, impl=impl)
+    kw = dict(training=training, eps=EPS, momentum=MOMENTUM, num_batches_tracked=7, impl=impl)
+    if act == PLAIN:
+        out, cache, stats = batchnorm_forward(x, w, b, rm, rv, **kw)
+    else:
+        out, cache, stats = batchnorm_act_forward(x, w, b, rm, rv, act=act, **kw)
     dout = randn(rng, shape, dtype)                   # random: ones would make dx vanish
     xt, wt, bt = (torch.from_numpy(a.copy()).requires_grad_() for a in (x, w, b))
     rmt, rvt = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
-    yt = torch.nn.functional.batch_norm(xt, rmt, rvt, wt, bt, training=training,
-                                        momentum=MOMENTUM, eps=EPS)
+    yt = _torch_act(torch, act, torch.nn.functional.batch_norm(
+        xt, rmt, rvt, wt, bt, training=training, momentum=MOMENTUM, eps=EPS))
     yt.backward(torch.from_numpy(dout))
     assert_close("out", out, yt, dtype)
-    dx, dw, db = batchnorm_backward(dout, cache, impl=impl)
+    back = batchnorm_backward if act == PLAIN else batchnorm_act_backward
+    dx, dw, db = back(dout, cache, impl=impl)
     assert_close("dx", dx, xt.grad, dtype)
     assert_close("dweight", dw, wt.grad, dtype)
     assert_close("dbias", db, bt.grad, dtype)
@@ -51,11 +67,12 @@ def test_matches_torch(shape, training, impl, dtype):
     assert_close("running_var", stats.running_var, rvt, dtype)
     assert stats.num_batches_tracked == (8 if training else 7)
     # The cache holds the statistics backward needs: batch (train) or running (eval).
+    bn = cache if act == PLAIN else cache.bn
     if training:
-        assert_close("cache.mean", cache.mean, x.mean(axis=(0, 2, 3)), dtype)
-        assert_close("cache.rstd", cache.rstd, 1 / np.sqrt(x.var(axis=(0, 2, 3)) + EPS), dtype)
+        assert_close("cache.mean", bn.mean, x.mean(axis=(0, 2, 3)), dtype)
+        assert_close("cache.rstd", bn.rstd, 1 / np.sqrt(x.var(axis=(0, 2, 3)) + EPS), dtype)
     else:
-        np.testing.assert_array_equal(cache.mean, rm)
+        np.testing.assert_array_equal(bn.mean, rm)
 
 
 def test_eval_forward_is_bit_identical_to_torch_in_float32():
@@ -170,41 +187,7 @@ def test_bad_input():
 # ----------------------------------------------------------------------------- batch norm + act
 # batchnorm_act_*: act(batch_norm(x)) in one kernel, the tail of every Conv-BN-Act.
 
-BN_ACTS = [None, "relu", "hardswish"]
-
-
-def _torch_act(torch, act, y):
-    F = torch.nn.functional
-    return {None: lambda t: t, "relu": F.relu, "hardswish": F.hardswish}[act](y)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("act", BN_ACTS, ids=str)
-def test_bn_act_matches_torch(act, training, impl, dtype):
-    torch = require_torch()
-    rng = np.random.default_rng(26)
-    shape = (3, 5, 7, 6)
-    x = randn(rng, shape, dtype, scale=2) + dtype(0.5)
-    w, b, rm, rv = params(rng, shape[1], dtype)
-    out, cache, stats = batchnorm_act_forward(x, w, b, rm, rv, act=act, training=training,
-                                              eps=EPS, momentum=MOMENTUM,
-                                              num_batches_tracked=7, impl=impl)
-    dout = randn(rng, shape, dtype)
-    xt, wt, bt = (torch.from_numpy(a.copy()).requires_grad_() for a in (x, w, b))
-    rmt, rvt = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
-    yt = _torch_act(torch, act, torch.nn.functional.batch_norm(
-        xt, rmt, rvt, wt, bt, training=training, momentum=MOMENTUM, eps=EPS))
-    yt.backward(torch.from_numpy(dout))
-    assert_close("out", out, yt, dtype)
-    dx, dw, db = batchnorm_act_backward(dout, cache, impl=impl)
-    assert_close("dx", dx, xt.grad, dtype)
-    assert_close("dweight", dw, wt.grad, dtype)
-    assert_close("dbias", db, bt.grad, dtype)
-    assert_close("running_mean", stats.running_mean, rmt, dtype)
-    assert_close("running_var", stats.running_var, rvt, dtype)
-    assert stats.num_batches_tracked == (8 if training else 7)
+BN_ACTS = [None, "relu", "hardswish"]          # (batchnorm_act vs torch: test_matches_torch)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
