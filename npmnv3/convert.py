@@ -257,17 +257,24 @@ def convert(src, dst, *, arch=None, source=None, bn_eps=None) -> dict:
         raise CheckpointError(f"{src}: the file changed while it was being converted")
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": a,
             "source_name": src.name, "source_sha256": sha, "source_bytes": src.stat().st_size,
-            "num_parameters": model.num_parameters(), "npmnv3_version": _version(),
-            "source_format": source_format, "bn_eps": eps if bn_eps is None else bn_eps}
-    blob = np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8)
-    arrays = {k: np.asarray(v, order="C") for k, v in sd.items()}   # keeps 0-d arrays 0-d
-    write_npz_atomic(dst, {**arrays, META_KEY: blob})
-    return meta
+            "num_parameters": model.num_parameters(), "source_format": source_format,
+            "bn_eps": eps if bn_eps is None else bn_eps}
+    return write_npz_with_meta(dst, sd, meta)
 
 
-def _version() -> str:
+def write_npz_with_meta(dst, arrays: dict, meta: dict) -> dict:
+    """Write ``arrays`` plus ``meta`` (JSON, as the uint8 array ``META_KEY``, with
+    ``npmnv3_version`` added) to ``dst`` atomically; returns the meta written. NumPy scalars in
+    ``meta`` are stored as JSON numbers."""
     from . import __version__
-    return __version__
+
+    meta = {**meta, "npmnv3_version": __version__}
+    text = json.dumps(meta, sort_keys=True,
+                      default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    blob = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    out = {k: np.asarray(v, order="C") for k, v in arrays.items()}   # keeps 0-d arrays 0-d
+    write_npz_atomic(Path(dst), {**out, META_KEY: blob})
+    return meta
 
 
 def _is_npmnv3_npz(path: Path) -> bool:

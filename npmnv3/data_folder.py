@@ -26,20 +26,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, preprocess
+from .preprocess import load_image, normalize, preprocess
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-_MEAN = np.asarray(IMAGENET_MEAN, np.float32).reshape(3, 1, 1)
-_STD = np.asarray(IMAGENET_STD, np.float32).reshape(3, 1, 1)
-
-
 def to_normalized_array(image: Image.Image) -> np.ndarray:
     """RGB image (H, W) -> float32 (3, H, W): uint8 / 255, then (x - mean) / std per channel."""
-    x = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)
-    x /= np.float32(255.0)
-    x -= _MEAN
-    x /= _STD
-    return np.ascontiguousarray(x)
+    return normalize(np.asarray(image, dtype=np.uint8))
 
 
 def random_resized_crop_params(width, height, scale, ratio, rng):

@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_image", "preprocess", "to_rgb"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_image", "normalize", "preprocess", "to_rgb"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -259,11 +259,16 @@ def preprocess(image, resize_size: int = 256, crop_size: int = 224, *,
     pixels = pixels[top:top + crop_size, left:left + crop_size]
 
     # 3. To float in [0, 1] and normalise, in float32 as torch does.
+    return normalize(pixels)
+
+
+def normalize(pixels) -> np.ndarray:
+    """uint8 pixels (H, W, 3) or gray (H, W) -> float32 (3, H, W): ``/ 255``, then
+    ``(x - mean) / std`` per channel with the ImageNet mean and std, in float32 as torch does."""
+    pixels = np.asarray(pixels)
     if pixels.ndim == 2:                                # gray: the same values in R, G and B
         pixels = np.broadcast_to(pixels[:, :, None], pixels.shape + (3,))
     x = pixels.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
-    mean = np.asarray(IMAGENET_MEAN, np.float32).reshape(3, 1, 1)
-    std = np.asarray(IMAGENET_STD, np.float32).reshape(3, 1, 1)
-    x -= mean
-    x /= std
+    x -= np.asarray(IMAGENET_MEAN, np.float32).reshape(3, 1, 1)
+    x /= np.asarray(IMAGENET_STD, np.float32).reshape(3, 1, 1)
     return np.ascontiguousarray(x)

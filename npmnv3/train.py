@@ -32,11 +32,10 @@ from .convert import (
     FORMAT,
     FORMAT_VERSION,
     META_KEY,
-    _version,
     build_model,
     check_arch,
     load_weights,
-    write_npz_atomic,
+    write_npz_with_meta,
 )
 from .data_folder import ArrayDataset, ImageFolder, load_folders
 from .optim import SGD, ExponentialLR, StepLR, rmsprop_torchvision
@@ -149,43 +148,29 @@ def evaluate(model, data, *, batch_size=64, label_smoothing=0.0):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _arch_of(model) -> dict:
-    return {k: v for k, v in model.arch.items()}
-
-
 def save_checkpoint(path, model, opt, *, epoch, rng, history, sched_epoch, config, classes):
     """Model state_dict + optimizer state + epoch + RNG state + history, atomically."""
-    meta = {"format": CKPT_FORMAT, "format_version": CKPT_VERSION, "arch": _arch_of(model),
+    meta = {"format": CKPT_FORMAT, "format_version": CKPT_VERSION, "arch": dict(model.arch),
             "dtype": np.dtype(model.dtype).name, "epoch": epoch,
             "rng_state": rng.bit_generator.state, "scheduler_epoch": sched_epoch,
-            "history": history, "config": config, "classes": classes,
-            "npmnv3_version": _version()}
-    arrays = {f"model/{k}": np.asarray(v, order="C") for k, v in model.state_dict().items()}
-    arrays.update({f"optimizer/{k}": np.asarray(v, order="C")
-                   for k, v in opt.state_dict().items()})
-    arrays[META_KEY] = _json_blob(meta)
-    write_npz_atomic(Path(path), arrays)
+            "history": history, "config": config, "classes": classes}
+    arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
+    arrays.update({f"optimizer/{k}": v for k, v in opt.state_dict().items()})
+    write_npz_with_meta(path, arrays, meta)
 
 
 def save_weights(path, model, classes=None):
     """The weights in ``npmnv3 convert``'s .npz format (``load_model`` reads them); returns
     False for a custom architecture, which that format cannot describe."""
     try:
-        arch = check_arch(_arch_of(model))
+        arch = check_arch(dict(model.arch))
     except ValueError:
         return False
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": arch,
             "source_name": "npmnv3 train", "num_parameters": model.num_parameters(),
-            "npmnv3_version": _version(), "classes": classes}
-    sd = {k: np.asarray(v, order="C") for k, v in model.state_dict().items()}
-    write_npz_atomic(Path(path), {**sd, META_KEY: _json_blob(meta)})
+            "classes": classes}
+    write_npz_with_meta(path, model.state_dict(), meta)
     return True
-
-
-def _json_blob(meta):
-    text = json.dumps(meta, sort_keys=True, default=lambda o: o.item() if hasattr(o, "item")
-                      else str(o))                            # NumPy scalars as numbers
-    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
 
 def load_checkpoint(path) -> dict:
@@ -226,9 +211,9 @@ def _resume(path, model, opt, sched, rng, cfg, classes):
     """Load a checkpoint into model, optimizer, schedule and generator; (epoch, history)."""
     ck = load_checkpoint(path)
     meta = ck["meta"]
-    if meta["arch"] != _arch_of(model):
+    if meta["arch"] != model.arch:
         raise ValueError(f"{path}: the checkpoint is of {_describe(meta['arch'])}, but the model "
-                         f"to train is {_describe(_arch_of(model))}")
+                         f"to train is {_describe(model.arch)}")
     if meta["config"]["optimizer"] != cfg["optimizer"]:
         raise ValueError(f"{path}: the checkpoint was trained with optimizer "
                          f"{meta['config']['optimizer']!r}, not {cfg['optimizer']!r}")
