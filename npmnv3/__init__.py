@@ -21,20 +21,20 @@ elif "OPENBLAS_THREAD_TIMEOUT" not in _os.environ:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import kernels  # noqa: E402
-from .checkpoint import CheckpointError, load_pth  # noqa: E402
-from .compare import compare_with_torchvision  # noqa: E402
-from .convert import convert, load_model, load_npz  # noqa: E402
-from .gradcam import gradcam, save_overlay  # noqa: E402
-from .gradcheck import numerical_gradient, rel_error  # noqa: E402
-from .model import (  # noqa: E402
+from .data.preprocess import load_image, preprocess  # noqa: E402
+from .io.convert import convert, load_model, load_npz  # noqa: E402
+from .io.pth import CheckpointError, load_pth  # noqa: E402
+from .nn.model import (  # noqa: E402
     MobileNetV3,
     config_path,
     mobilenet_v3_from_config,
     mobilenet_v3_large,
     mobilenet_v3_small,
 )
-from .preprocess import load_image, preprocess  # noqa: E402
-from .summary import summary  # noqa: E402
+from .tools.compare import compare_with_torchvision  # noqa: E402
+from .tools.gradcam import gradcam, save_overlay  # noqa: E402
+from .tools.gradcheck import numerical_gradient, rel_error  # noqa: E402
+from .tools.summary import summary  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -45,11 +45,11 @@ __all__ = ["CheckpointError", "MobileNetV3", "config_path", "kernels", "load_pth
            "preprocess", "load_image",
            "gradcam", "save_overlay"]
 
-from . import weights  # noqa: E402
-from .classify import classify, load_classifier  # noqa: E402
+from .io import weights  # noqa: E402
+from .tools.classify import classify, load_classifier  # noqa: E402
 
 __all__ += ["weights", "classify", "load_classifier"]
 
-from .train import ArrayDataset, ImageFolder, fit, load_checkpoint  # noqa: E402
+from .train.loop import ArrayDataset, ImageFolder, fit, load_checkpoint  # noqa: E402
 
 __all__ += ["ArrayDataset", "ImageFolder", "fit", "load_checkpoint"]

@@ -21,7 +21,7 @@ import sys
 
 
 def _cmd_selfcheck(args) -> int:
-    from .selfcheck import run_selfcheck
+    from .tools.selfcheck import run_selfcheck
 
     rows = run_selfcheck(seed=args.seed)
     width = max(len(r.kernel) for r in rows)
@@ -42,8 +42,8 @@ def _arch_from_args(args) -> dict:
 
 
 def _cmd_summary(args) -> int:
-    from .convert import build_model
-    from .summary import summary
+    from .io.convert import build_model
+    from .tools.summary import summary
 
     if len(args.input_size) > 2:
         raise ValueError(f"--input-size takes H or H W, got {len(args.input_size)} numbers")
@@ -53,7 +53,7 @@ def _cmd_summary(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from .convert import convert
+    from .io.convert import convert
 
     given = {k: v for k, v in _arch_from_args(args).items() if v is not None}
     meta = convert(args.src, args.dst, arch=given or None, source=args.source,
@@ -70,8 +70,8 @@ def _cmd_convert(args) -> int:
 
 def _compare_models(args, torch_dtype: str):
     """(npmnv3 model, torchvision model, description) as the options ask."""
-    from .compare import npmnv3_twin, torchvision_model
-    from .convert import build_model, load_weights
+    from .io.convert import build_model, load_weights
+    from .tools.compare import npmnv3_twin, torchvision_model
 
     given = {k: v for k, v in _arch_from_args(args).items() if v is not None}
     if args.weights is None:
@@ -99,7 +99,7 @@ def _cmd_compare(args) -> int:
         print("npmnv3 compare needs torch and torchvision (pip install -e '.[test]')",
               file=sys.stderr)
         return 2
-    from .compare import (
+    from .tools.compare import (
         compare_with_torchvision,
         first_failure,
         format_rows,
@@ -121,7 +121,7 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_weights(args) -> int:
-    from . import weights as W
+    from .io import weights as W
 
     if args.action == "list":
         print(f"{'name':<9} {'model':<6} {'acc@1':>6} {'acc@5':>6} {'params':>10} {'resize':>6} "
@@ -156,7 +156,7 @@ def _cmd_weights(args) -> int:
 def _cmd_classify(args) -> int:
     import json
 
-    from .classify import classify, format_results
+    from .tools.classify import classify, format_results
 
     results = classify(args.images, args.model, args.weights, args.topk, progress=True,
                        batch_size=args.batch_size, exif_transpose=not args.no_exif)
@@ -274,7 +274,7 @@ def _one_line(msg: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "train":
-        from .train import main as train_main
+        from .train.loop import main as train_main
         return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from npmnv3.gradcheck import numerical_gradient, rel_error
+from npmnv3.tools.gradcheck import numerical_gradient, rel_error
 
 # Tolerances, as max|ours - torch| / max|torch| over a whole tensor (npmnv3.rel_error).
 # float32: different summation orders (BLAS/oneDNN vs NumPy/Numba) over sums of up to a few

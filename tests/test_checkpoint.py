@@ -1,4 +1,4 @@
-"""npmnv3.checkpoint.load_pth: torch's files read exactly, malformed and malicious files refused.
+"""npmnv3.io.pth.load_pth: torch's files read exactly, malformed and malicious files refused.
 
 torch is the reference for what a .pth file holds; it is imported only inside the tests that need
 it (``require_torch``). The malformed and malicious files are assembled by hand from pickle
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from support import require_torch, require_torchvision
 
-from npmnv3 import checkpoint
-from npmnv3.checkpoint import CheckpointError, load_pth
+from npmnv3.io import pth as checkpoint
+from npmnv3.io.pth import CheckpointError, load_pth
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -530,7 +530,7 @@ def test_legacy_keys_must_match_storages(tmp_path):
 
 def test_package_never_imports_torch(tmp_path):
     path = write_zip(tmp_path / "a.pth", P.state_dict(), {"0": W.tobytes()})
-    code = ("import sys; from npmnv3.checkpoint import load_pth; load_pth(sys.argv[1]); "
+    code = ("import sys; from npmnv3.io.pth import load_pth; load_pth(sys.argv[1]); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     subprocess.run([sys.executable, "-c", code, str(path)], check=True, env=env, cwd=tmp_path)

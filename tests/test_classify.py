@@ -22,8 +22,8 @@ from support import require_torchvision
 
 import npmnv3
 from npmnv3 import weights as W
-from npmnv3.classify import load_classifier, softmax
 from npmnv3.cli import main
+from npmnv3.tools.classify import load_classifier, softmax
 
 DATA = Path(__file__).resolve().parent / "data"
 PHOTOS = sorted(DATA.glob("*.jpg"))

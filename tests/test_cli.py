@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from npmnv3.cli import main
-from npmnv3.selfcheck import run_selfcheck
+from npmnv3.tools.selfcheck import run_selfcheck
 
 
 def test_selfcheck_passes_and_prints_every_kernel(capsys):

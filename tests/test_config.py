@@ -7,7 +7,7 @@ import pytest
 from support import RTOL32, assert_close, require_torchvision
 
 import npmnv3
-from npmnv3.arch import make_divisible, preset_spec
+from npmnv3.nn.arch import make_divisible, preset_spec
 
 # torchvision's _make_divisible on the values MobileNetV3 feeds it (REFERENCE.md 1.2, 1.6).
 DIVISIBLE = {(16 * 0.75, 8): 16, (64 * 0.75, 8): 48, (72 // 4, 8): 24, (120 // 4, 8): 32,

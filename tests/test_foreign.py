@@ -1,6 +1,6 @@
 """Other libraries' checkpoints (timm, mmpretrain, netspresso-trainer) under torchvision's keys.
 
-The key maps of ``npmnv3.foreign`` are derived by rules from the module tree; here they are
+The key maps of ``npmnv3.io.foreign`` are derived by rules from the module tree; here they are
 checked against the maps recorded from the real libraries (``shared/reference``, when present),
 against timm itself (logits of a timm model with random weights and batch-norm state, loaded
 with timm's eps 1e-5), and by round trips through mmpretrain's and netspresso-trainer's names.
@@ -18,10 +18,8 @@ import pytest
 from support import RTOL32, RTOL64, randomise, require_torch, require_torchvision
 
 import npmnv3
-from npmnv3.arch import load_stage_params, preset_spec
-from npmnv3.checkpoint import CheckpointError
-from npmnv3.convert import META_KEY, build_model, convert, load_model, load_npz, read_weights
-from npmnv3.foreign import (
+from npmnv3.io.convert import META_KEY, build_model, convert, load_model, load_npz, read_weights
+from npmnv3.io.foreign import (
     BN_EPS,
     SOURCES,
     from_torchvision,
@@ -29,7 +27,9 @@ from npmnv3.foreign import (
     stage_positions,
     to_torchvision,
 )
-from npmnv3.gradcheck import rel_error
+from npmnv3.io.pth import CheckpointError
+from npmnv3.nn.arch import load_stage_params, preset_spec
+from npmnv3.tools.gradcheck import rel_error
 
 # The key maps recorded from timm and netspresso-trainer themselves (the project's reference
 # folder, copied here so that the tests carry their own evidence).

@@ -5,7 +5,7 @@ import pytest
 from support import RTOL32, RTOL64, assert_close, require_torchvision
 
 import npmnv3
-from npmnv3.gradcam import resize_bilinear
+from npmnv3.tools.gradcam import resize_bilinear
 
 
 @pytest.mark.parametrize("shape", [(1, 7, 7, 224, 224), (2, 5, 3, 40, 33), (1, 2, 2, 9, 17)])

@@ -34,7 +34,7 @@ from support import (
 )
 
 import npmnv3
-from npmnv3.gradcheck import rel_error
+from npmnv3.tools.gradcheck import rel_error
 
 # Full key / shape / dtype lists written from torchvision (see REFERENCE.md §2.2). They live
 # outside the repository, so the test that reads them skips when they are absent.

@@ -21,7 +21,7 @@ from PIL import Image, ImageFile
 from support import require_torchvision
 
 import npmnv3
-from npmnv3.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_rgb
+from npmnv3.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_rgb
 
 DATA = Path(__file__).parent / "data"
 PHOTOS = ["astronaut.jpg", "coffee.jpg", "chelsea_exif6.jpg"]

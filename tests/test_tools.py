@@ -20,9 +20,10 @@ import pytest
 from support import require_torch, require_torchvision
 
 import npmnv3
-from npmnv3.checkpoint import CheckpointError, load_pth
 from npmnv3.cli import main
-from npmnv3.compare import (
+from npmnv3.io.convert import FORMAT_VERSION, META_KEY, convert, load_model, load_npz
+from npmnv3.io.pth import CheckpointError, load_pth
+from npmnv3.tools.compare import (
     compare_with_torchvision,
     first_failure,
     format_rows,
@@ -30,8 +31,7 @@ from npmnv3.compare import (
     random_input,
     torchvision_model,
 )
-from npmnv3.convert import FORMAT_VERSION, META_KEY, convert, load_model, load_npz
-from npmnv3.summary import summary
+from npmnv3.tools.summary import summary
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

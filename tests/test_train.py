@@ -12,7 +12,7 @@ from PIL import Image
 from support import RTOL32, RTOL64, assert_close, require_torchvision
 
 import npmnv3
-from npmnv3.data_folder import (
+from npmnv3.data.folders import (
     ArrayDataset,
     EvalTransform,
     ImageFolder,
@@ -22,7 +22,7 @@ from npmnv3.data_folder import (
     resized_crop,
     to_normalized_array,
 )
-from npmnv3.preprocess import preprocess
+from npmnv3.data.preprocess import preprocess
 from npmnv3.train import fit, load_checkpoint, main
 
 # The CI digits run (4 epochs, all 1437 training images, width 0.25, 32x32) reaches 0.836

@@ -27,7 +27,7 @@ from support import require_torchvision
 
 from npmnv3 import weights as W
 from npmnv3.cli import main
-from npmnv3.convert import META_KEY, convert, load_npz
+from npmnv3.io.convert import META_KEY, convert, load_npz
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0          # seconds: a test request to 127.0.0.1 never takes this long
@@ -321,7 +321,7 @@ def test_corrupted_pth_is_detected_on_use_and_removed(server, entry, checkpoint,
 
 def test_official_file_given_by_path_is_verified_but_kept(entry, checkpoint, tmp_path):
     """``--weights FILE`` named like an official checkpoint: checked, never deleted."""
-    from npmnv3.classify import load_classifier
+    from npmnv3.tools.classify import load_classifier
 
     pth = tmp_path / entry.file_name
     pth.write_bytes(checkpoint[0])

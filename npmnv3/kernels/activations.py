@@ -34,6 +34,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._checks import check_array
+from .epilogue import act_grad, apply_act
 
 # torch: `const opmath_t one_sixth(1.0f / 6.0f)` in aten/src/ATen/native/cpu/Activation.cpp.
 HSIGMOID_SLOPE = float(np.float32(1.0) / np.float32(6.0))
@@ -92,7 +93,8 @@ def hardswish_backward_naive(dout, cache):
 
 # ----------------------------------------------------------------------------- fast (Numba)
 # One loop each over the flattened array; written in the Numba subset, so the same source
-# runs as Python under NUMBA_DISABLE_JIT=1.
+# runs as Python under NUMBA_DISABLE_JIT=1. ReLU and hard-swish use the shared epilogue
+# (``epilogue.py``), so every kernel that fuses them computes exactly these values.
 
 # Constants arrive as arguments of the input's dtype (``z``ero, ``three``, ``six``, ...):
 # a bare literal such as ``x + 3`` would make Numba promote float32 to float64, and the
@@ -100,12 +102,12 @@ def hardswish_backward_naive(dout, cache):
 
 def _relu_fwd_loop(x, z, out):
     for i in prange(x.size):
-        out[i] = max(x[i], z)
+        out[i] = apply_act(x[i], 1, z, z, z)
 
 
 def _relu_bwd_loop(x, dout, z, dx):
     for i in prange(x.size):
-        dx[i] = dout[i] if x[i] > z else z
+        dx[i] = act_grad(1, x[i], dout[i], z, z, z)
 
 
 def _relu6_fwd_loop(x, z, six, out):
@@ -132,19 +134,12 @@ def _hsig_bwd_loop(x, dout, z, three, slope, dx):
 
 def _hswish_fwd_loop(x, z, three, six, out):
     for i in prange(x.size):
-        v = x[i]
-        out[i] = (v * min(max(v + three, z), six)) / six
+        out[i] = apply_act(x[i], 2, z, three, six)
 
 
 def _hswish_bwd_loop(x, dout, z, three, half, dx):
     for i in prange(x.size):
-        v = x[i]
-        if v <= -three:
-            dx[i] = z
-        elif v >= three:
-            dx[i] = dout[i]
-        else:
-            dx[i] = dout[i] * (v / three + half)
+        dx[i] = act_grad(2, x[i], dout[i], z, three, half)
 
 
 _jit = njit(cache=True, parallel=True)

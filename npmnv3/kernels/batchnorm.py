@@ -37,6 +37,7 @@ from numba import njit, prange
 
 from ._checks import check_array, check_shape, choose_impl
 from .activations import ActCache, activation_backward, activation_forward
+from .epilogue import act_code, act_grad, apply_act
 
 
 class BatchNormStats(NamedTuple):
@@ -172,24 +173,12 @@ def _bn_stats_loops(x, mean, var):
 
 
 # --- batch norm + activation (the Conv-BN-Act tail) -----------------------------------------
-# act codes: 0 none, 1 ReLU, 2 hard-swish. The pre-activation v = alpha*x + beta is evaluated
-# in float64 and rounded to x's dtype (torch's eval kernel is an FMA: one rounding), the
-# activation and its gradient exactly as ``activations.py`` does (torch's order and kink
-# conventions), so the fused results are bitwise those of batch norm followed by the activation.
+# act codes (``epilogue.ACT_CODES``): 0 none, 1 ReLU, 2 hard-swish. The pre-activation
+# v = alpha*x + beta is evaluated in float64 and rounded to x's dtype (torch's eval kernel is
+# an FMA: one rounding); the activation and its gradient come from ``epilogue.py`` (torch's
+# order and kink conventions), so the fused results are bitwise those of batch norm followed
+# by the activation.
 # act 0 is plain batch norm: ``batchnorm_*_fast`` run these same loops.
-
-def _act_grad(act, v, g, z, three, half):
-    """dL/dv from dL/d act(v) = g (torch's conventions at the kinks)."""
-    if act == 1:
-        return g if v > z else z
-    if act == 2:
-        if v <= -three:
-            return z
-        if v >= three:
-            return g
-        return g * (v / three + half)
-    return g
-
 
 def _bn_act_fwd_loops(x, alpha, beta, act, z, three, six, out):
     N, C, H, W = x.shape
@@ -199,12 +188,8 @@ def _bn_act_fwd_loops(x, alpha, beta, act, z, three, six, out):
         b = np.float64(beta[c])
         for i in range(H):
             for j in range(W):
-                v = x.dtype.type(a * x[n, c, i, j] + b)
-                if act == 1:
-                    v = max(v, z)
-                elif act == 2:
-                    v = (v * min(max(v + three, z), six)) / six
-                out[n, c, i, j] = v
+                out[n, c, i, j] = apply_act(x.dtype.type(a * x[n, c, i, j] + b), act, z,
+                                            three, six)
 
 
 def _bn_act_grad_sums_loops(x, dout, alpha, beta, act, mean, rstd, z, three, half, dweight,
@@ -222,7 +207,7 @@ def _bn_act_grad_sums_loops(x, dout, alpha, beta, act, mean, rstd, z, three, hal
             for i in range(H):
                 for j in range(W):
                     xv = x[n, c, i, j]
-                    g = _act_grad(act, x.dtype.type(a * xv + b), dout[n, c, i, j], z, three,
+                    g = act_grad(act, x.dtype.type(a * xv + b), dout[n, c, i, j], z, three,
                                   half)
                     if act != 0:
                         g_out[n, c, i, j] = g
@@ -254,8 +239,6 @@ def _bn_act_dx_loops(x, g, mean, k, dbias, sq, training, dx):
                     dx[n, c, i, j] = g[n, c, i, j] * kc
 
 
-BN_ACTS = {None: 0, "relu": 1, "hardswish": 2}       # the act codes of the loops above
-_act_grad = njit(cache=True, inline="always")(_act_grad)
 _par = njit(cache=True, parallel=True)
 _bn_act_fwd = _par(_bn_act_fwd_loops)
 _bn_act_grad_sums = _par(_bn_act_grad_sums_loops)
@@ -287,7 +270,7 @@ def _forward_core(x, weight, bias, running_mean, running_var, act, training, mom
     alpha, beta = np.asarray(alpha, np.float64), np.asarray(beta, np.float64)
     out = np.empty_like(x)
     t = dt.type
-    _bn_act_fwd(x, alpha, beta, BN_ACTS[act], t(0), t(3), t(6), out)
+    _bn_act_fwd(x, alpha, beta, act_code(act), t(0), t(3), t(6), out)
     return out, cache, stats, alpha, beta
 
 
@@ -302,7 +285,7 @@ def _backward_core(dout, cache: BatchNormCache, act, alpha, beta):
     t = dt.type
     dweight64, dbias64 = np.empty(C), np.empty(C)
     dx = np.empty_like(x)
-    _bn_act_grad_sums(x, dout, alpha, beta, BN_ACTS[act], mean, rstd, t(0), t(3), t(0.5),
+    _bn_act_grad_sums(x, dout, alpha, beta, act_code(act), mean, rstd, t(0), t(3), t(0.5),
                       dweight64, dbias64, dx)
     g = dx if act else dout
     if training:
@@ -339,8 +322,7 @@ class BatchNormActCache(NamedTuple):
 
 
 def _check_act(act):
-    if act not in BN_ACTS:
-        raise ValueError(f"act must be one of {list(BN_ACTS)}, got {act!r}")
+    act_code(act)                             # raises for an unknown activation
 
 
 def batchnorm_act_forward_naive(x, weight, bias, running_mean, running_var, *, act, training,

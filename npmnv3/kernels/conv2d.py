@@ -22,6 +22,7 @@ from numba import njit, prange
 
 from ._checks import check_array, check_conv_geometry, check_positive_int, check_shape, choose_impl
 from .depthwise import _tap_slice, _to_phases
+from .epilogue import apply_act
 
 
 class Conv2dCache(NamedTuple):
@@ -167,12 +168,7 @@ def _direct_conv_loops(x, w, b, s, p, d, kgroups, kfirst, act, z, three, six, ou
             o = out[k, n] if kfirst else out[n, k]
             for i in range(Ho):
                 for j in range(Wo):
-                    val = acc[i * Wh + j]
-                    if act == 1:
-                        val = max(val, z)
-                    elif act == 2:
-                        val = (val * min(max(val + three, z), six)) / six
-                    o[i, j] = val
+                    o[i, j] = apply_act(acc[i * Wh + j], act, z, three, six)
 
 
 _direct_conv = njit(cache=True, parallel=True)(_direct_conv_loops)

@@ -27,6 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._checks import check_array, check_conv_geometry, check_shape, choose_impl
+from .epilogue import apply_act
 
 
 class DepthwiseCache(NamedTuple):
@@ -196,12 +197,7 @@ def _dw_fwd_loops(x, w, b, s, p, d, cdiv, nchunks, act, z, three, six, pool, out
                     out[q, i, :] = acc[i * Wh:i * Wh + Wo]
                 else:                                   # fused activation (eval fast path)
                     for j in range(Wo):
-                        v = acc[i * Wh + j]
-                        if act == 1:
-                            v = max(v, z)
-                        else:
-                            v = (v * min(max(v + three, z), six)) / six
-                        out[q, i, j] = v
+                        out[q, i, j] = apply_act(acc[i * Wh + j], act, z, three, six)
                 if pool.size:
                     rsum = z
                     for j in range(Wo):

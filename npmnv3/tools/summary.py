@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .layers import Classifier, ConvBNAct, InvertedResidual, SqueezeExcite
+from ..nn.modules import Classifier, ConvBNAct, InvertedResidual, SqueezeExcite
 
 ACT_NAMES = {"relu": "ReLU", "hardswish": "Hardswish", None: ""}
 

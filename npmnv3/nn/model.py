@@ -14,16 +14,16 @@ import dataclasses
 
 import numpy as np
 
-from . import kernels as K
+from .. import kernels as K
+from ..io.statedict import check_state_dict
 from .arch import NetSpec, from_stage_params, load_stage_params, preset_spec
-from .layers import (
+from .modules import (
     ConvBNAct,
     InvertedResidual,
     SqueezeExcite,
     build_modules,
     state_dict_layout,
 )
-from .statedict import check_state_dict
 
 BN_EPS = 1e-3          # torchvision mobilenetv3.py: partial(nn.BatchNorm2d, eps=0.001, ...)
 BN_MOMENTUM = 0.01     # ... momentum=0.01
@@ -202,7 +202,7 @@ class MobileNetV3:
             self._tape = tape
             return logits
         if not keep and not self.training and self.impl == "fast":
-            from .fused import fused_forward
+            from .folded import fused_forward
             return fused_forward(self, x)
         return self._reference_forward(x, rng=rng)[0]
 
@@ -212,7 +212,7 @@ class MobileNetV3:
         self.training = False
         try:
             if self.impl == "fast":
-                from .fused import fused_features
+                from .folded import fused_features
                 if training:
                     self._fused = None          # folded weights may be stale in train mode
                 return fused_features(self, x)
@@ -504,4 +504,4 @@ def config_path(arch: str) -> str:
     from importlib.resources import files
     if arch not in ("large", "small"):
         raise ValueError(f"unknown preset {arch!r}; expected 'large' or 'small'")
-    return str(files("npmnv3") / "configs" / f"mobilenet_v3_{arch}.yaml")
+    return str(files("npmnv3.nn") / "configs" / f"mobilenet_v3_{arch}.yaml")

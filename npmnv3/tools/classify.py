@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import weights as W
-from .convert import META_KEY, build_model, load_model
+from ..io import weights as W
+from ..io.convert import META_KEY, build_model, load_model
 
 __all__ = ["IMAGE_EXTENSIONS", "Classifier", "load_classifier", "classify", "find_images",
            "softmax", "format_results"]
@@ -130,7 +130,7 @@ def find_images(paths) -> list[tuple[str, str | None]]:
 
 def _load(path: str, clf: Classifier, exif_transpose: bool):
     """(3, crop, crop) float32 input, or the reason the file cannot be used."""
-    from .preprocess import preprocess
+    from ..data.preprocess import preprocess
 
     try:
         return preprocess(path, clf.resize_size, clf.crop_size, exif_transpose=exif_transpose)

@@ -48,8 +48,14 @@ import re
 
 import numpy as np
 
-from .arch import NetSpec, preset_spec
-from .layers import ConvBNAct, InvertedResidual, SqueezeExcite, build_modules, state_dict_layout
+from ..nn.arch import NetSpec, preset_spec
+from ..nn.modules import (
+    ConvBNAct,
+    InvertedResidual,
+    SqueezeExcite,
+    build_modules,
+    state_dict_layout,
+)
 from .statedict import WIDTHS, foreign_style, infer_arch
 
 SOURCES = ("timm", "mmpretrain", "netspresso-trainer")

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import kernels as K
-from .convert import (
+from .. import kernels as K
+from ..data.folders import ArrayDataset, ImageFolder, load_folders
+from ..io.convert import (
     FORMAT,
     FORMAT_VERSION,
     META_KEY,
@@ -37,7 +38,6 @@ from .convert import (
     load_weights,
     write_npz_with_meta,
 )
-from .data_folder import ArrayDataset, ImageFolder, load_folders
 from .optim import SGD, ExponentialLR, StepLR, rmsprop_torchvision
 
 __all__ = ["ArrayDataset", "ImageFolder", "evaluate", "fit", "load_checkpoint", "load_folders",

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import kernels as K
+from .. import kernels as K
 from .gradcheck import numerical_gradient, rel_error
 
 FD_TOL = 1e-6          # central differences, h = 1e-6, float64

@@ -29,8 +29,8 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from .checkpoint import CheckpointError
 from .convert import _sha256, convert, load_npz
+from .pth import CheckpointError
 
 __all__ = ["REGISTRY", "ALIASES", "DEFAULTS", "WeightsEntry", "WeightsError", "DownloadError",
            "get", "names", "imagenet_categories", "weights_dir", "torch_hub_dir", "fetch",
@@ -52,7 +52,7 @@ class DownloadError(WeightsError):
 @lru_cache(maxsize=1)
 def imagenet_categories() -> tuple[str, ...]:
     """The 1000 ImageNet-1k class names in index order (torchvision's ``_IMAGENET_CATEGORIES``)."""
-    text = (resources.files(__package__) / "data" / "imagenet_classes.txt").read_text("utf-8")
+    text = (resources.files("npmnv3.data") / "imagenet_classes.txt").read_text("utf-8")
     names = tuple(text.splitlines())
     assert len(names) == 1000, f"imagenet_classes.txt has {len(names)} lines, expected 1000"
     return names
@@ -122,7 +122,7 @@ def weights_dir() -> Path:
     """``$NPMNV3_HOME``, else ``weights/`` of a source checkout, else ``~/.cache/npmnv3``."""
     if os.environ.get("NPMNV3_HOME"):
         return Path(os.environ["NPMNV3_HOME"]).expanduser()
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]          # npmnv3/io/weights.py -> checkout
     try:
         ours = 'name = "npmnv3"' in (root / "pyproject.toml").read_text("utf-8")
     except (OSError, UnicodeDecodeError):

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import CheckpointError, load_pth
 from .foreign import BN_EPS, SOURCES, to_torchvision
+from .pth import CheckpointError, load_pth
 from .statedict import foreign_style, infer_arch
 
 META_KEY = "__npmnv3_meta__"
@@ -90,7 +90,7 @@ def check_bn_eps(eps, where: str = "bn_eps") -> float:
 def build_model(arch: dict, dtype=np.float32, seed=None, bn_eps=None):
     """The npmnv3 model for builder arguments ``arch`` (``dilated=None`` builds undilated);
     ``bn_eps`` (default torchvision's 1e-3) is the BatchNorm eps of both forward paths."""
-    from .model import mobilenet_v3_large, mobilenet_v3_small
+    from ..nn.model import mobilenet_v3_large, mobilenet_v3_small
     a = check_arch(arch)
     builder = {"large": mobilenet_v3_large, "small": mobilenet_v3_small}[a["arch"]]
     model = builder(width_mult=a["width_mult"], reduced_tail=bool(a["reduced_tail"]),
@@ -266,7 +266,7 @@ def write_npz_with_meta(dst, arrays: dict, meta: dict) -> dict:
     """Write ``arrays`` plus ``meta`` (JSON, as the uint8 array ``META_KEY``, with
     ``npmnv3_version`` added) to ``dst`` atomically; returns the meta written. NumPy scalars in
     ``meta`` are stored as JSON numbers."""
-    from . import __version__
+    from .. import __version__
 
     meta = {**meta, "npmnv3_version": __version__}
     text = json.dumps(meta, sort_keys=True,

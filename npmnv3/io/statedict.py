@@ -20,8 +20,8 @@ FOREIGN_STYLES = {                         # a key prefix that gives each librar
 
 
 def _layout_for(arch, width_mult, reduced_tail, num_classes):
-    from .arch import preset_spec
-    from .layers import build_modules, state_dict_layout
+    from ..nn.arch import preset_spec
+    from ..nn.modules import build_modules, state_dict_layout
     spec = preset_spec(arch, width_mult=width_mult, reduced_tail=reduced_tail,
                        num_classes=num_classes)
     return state_dict_layout(*build_modules(spec))

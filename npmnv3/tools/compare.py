@@ -205,7 +205,7 @@ def torchvision_model(arch: dict, state_dict=None, *, dtype="float32", seed: int
     import torch
     import torchvision
 
-    from .convert import check_arch
+    from ..io.convert import check_arch
 
     a = check_arch(arch)
     torch.manual_seed(seed)
@@ -228,7 +228,7 @@ def torchvision_model(arch: dict, state_dict=None, *, dtype="float32", seed: int
 
 def npmnv3_twin(tv_model, arch: dict, dtype="float32"):
     """An npmnv3 model holding exactly ``tv_model``'s parameters and buffers."""
-    from .convert import build_model
+    from ..io.convert import build_model
 
     model = build_model(arch, dtype=dtype)
     model.load_state_dict({k: v.detach().cpu().numpy() for k, v in tv_model.state_dict().items()})

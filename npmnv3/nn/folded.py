@@ -20,11 +20,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .kernels.conv2d import direct_conv_forward
-from .kernels.depthwise import _chunks, _dw_fwd
-from .layers import ConvBNAct, InvertedResidual, SqueezeExcite
-
-ACT_CODES = {None: 0, "relu": 1, "hardswish": 2}
+from ..kernels.conv2d import direct_conv_forward
+from ..kernels.depthwise import _chunks, _dw_fwd
+from ..kernels.epilogue import ACT_CODES, apply_act
+from .modules import ConvBNAct, InvertedResidual, SqueezeExcite
 
 
 def _bias_act_loops(y, bias, act, res, use_res, z, three, six):
@@ -34,11 +33,7 @@ def _bias_act_loops(y, bias, act, res, use_res, z, three, six):
         n, k = nk // K, nk % K
         b = bias[k]
         for t in range(L):
-            v = y[n, k, t] + b
-            if act == 1:
-                v = max(v, z)
-            elif act == 2:
-                v = (v * min(max(v + three, z), six)) / six
+            v = apply_act(y[n, k, t] + b, act, z, three, six)
             if use_res:
                 v += res[n, k, t]
             y[n, k, t] = v
