@@ -234,7 +234,7 @@ def test_eval_logits_match_torchvision(zoo, case, impl):
     net.impl = impl
     logits = net(x)
     if impl == "fast":
-        assert net._fused is not None, "eval + impl 'fast' did not take the fused path"
+        assert net._folded is not None, "eval + impl 'fast' did not take the folded path"
     assert_close(f"{impl} logits", logits, ref_logits, dtype)
 
 

@@ -98,7 +98,7 @@ def build_model(arch: dict, dtype=np.float32, seed=None, bn_eps=None):
                     seed=seed)
     if bn_eps is not None:
         model.bn_eps = check_bn_eps(bn_eps)
-        model._fused = None                 # the fused weights fold eps in
+        model.changed()                     # the folded weights hold eps
     return model
 
 

@@ -11,8 +11,9 @@ Layout: activations are kept channel-major, (C, N, H, W) ("CNHW"), inside this p
 1x1 convolution of the whole batch is a single GEMM, W (K, C) @ X (C, N*H*W), with no transposes
 (NCHW would need one small GEMM per image). Only the input (NCHW) and the logits leave it.
 Results equal the reference path up to float rounding; ``tests/test_model.py`` checks both
-against torchvision. Folded weights are computed when first needed after ``eval()`` or
-``load_state_dict()``; call ``model.eval()`` again after editing parameters in place.
+against torchvision. ``fold(model)`` returns a ``FoldedNet``, a snapshot of the model's eval
+function; the model keeps one and builds a new one after any change of its state (``eval()``,
+``load_state_dict()``...); call ``model.eval()`` again after editing parameters in place.
 """
 
 from __future__ import annotations
@@ -114,46 +115,62 @@ def _scale_planes_loops(x, g):
 _scale_planes = njit(cache=True, parallel=True)(_scale_planes_loops)
 
 
-def fused_forward(model, x):
-    """Eval-mode logits of ``model`` for x (N, 3, H, W) through the folded, fused path."""
-    y = _backbone(model, x)
-    C, N = y.shape[:2]
-    p = model.params
-    pooled = y.reshape(C, N, -1).mean(axis=2, dtype=np.float64).astype(y.dtype)   # (C, N)
-    h = p["classifier.0.weight"] @ pooled                                         # (1280, N)
-    bias_act_(h[None], p["classifier.0.bias"], "hardswish")         # dropout: identity in eval
-    logits = p["classifier.3.weight"] @ h + p["classifier.3.bias"][:, None]        # (1000, N)
-    return np.ascontiguousarray(logits.T)
+class FoldedNet:
+    """A snapshot of a model's eval-mode function with batch norm folded into the convolutions.
 
+    Built by ``fold(model)``; it copies what it needs (folded weights, the SE and classifier
+    parameters, the module tree), so later changes to the model do not reach it: the model
+    builds a new one after ``eval()``, ``load_state_dict()`` or any other change of state.
+    """
 
-def fused_features(model, x):
-    """Eval-mode output of ``features`` (N, C, h, w) through the folded, fused path."""
-    return np.ascontiguousarray(_backbone(model, x).transpose(1, 0, 2, 3))
+    def __init__(self, model):
+        self.features_tree = model.features
+        self.dtype = model.dtype
+        self.folded = _fold(model)
+        self.params = {k: v.copy() for k, v in model.params.items()
+                       if ".fc" in k or k.startswith("classifier.")}
 
+    def __call__(self, x):
+        """Eval-mode logits (N, num_classes) for x (N, 3, H, W)."""
+        y = self._backbone(x)
+        C, N = y.shape[:2]
+        p = self.params
+        pooled = y.reshape(C, N, -1).mean(axis=2, dtype=np.float64).astype(y.dtype)  # (C, N)
+        h = p["classifier.0.weight"] @ pooled                                        # (1280, N)
+        bias_act_(h[None], p["classifier.0.bias"], "hardswish")     # dropout: identity in eval
+        logits = p["classifier.3.weight"] @ h + p["classifier.3.bias"][:, None]       # (1000, N)
+        return np.ascontiguousarray(logits.T)
 
-def _backbone(model, x):
-    """``features`` of x (N, 3, H, W) in eval mode, channel-major: (C, N, h, w)."""
-    if model._fused is None:
-        model._fused = _fold(model)
-    folded, p = model._fused, model.params
-    stem = model.features[0]
-    w, beta = folded[stem.name]
-    y = direct_conv_forward(x, w, beta, stride=stem.stride, padding=stem.padding,
-                            dilation=stem.dilation, act=ACT_CODES[stem.act], kfirst=True)
-    N = x.shape[0]
-    for m in model.features[1:]:
-        if not isinstance(m, InvertedResidual):
-            y = _conv_bn_act(m, y, folded)
-            continue
-        inp, layers = y, m.layers
-        for i, layer in enumerate(layers[:-1]):
-            if isinstance(layer, SqueezeExcite):
+    def features(self, x):
+        """Eval-mode output of ``features`` (N, C, h, w)."""
+        return np.ascontiguousarray(self._backbone(x).transpose(1, 0, 2, 3))
+
+    def _backbone(self, x):
+        """``features`` of x (N, 3, H, W) in eval mode, channel-major: (C, N, h, w)."""
+        folded, p = self.folded, self.params
+        stem = self.features_tree[0]
+        w, beta = folded[stem.name]
+        y = direct_conv_forward(x, w, beta, stride=stem.stride, padding=stem.padding,
+                                dilation=stem.dilation, act=ACT_CODES[stem.act], kfirst=True)
+        N = x.shape[0]
+        for m in self.features_tree[1:]:
+            if not isinstance(m, InvertedResidual):
+                y = _conv_bn_act(m, y, folded)
                 continue
-            se_next = isinstance(layers[i + 1], SqueezeExcite)
-            pooled = np.empty((layer.cout, N), dtype=y.dtype) if se_next else None
-            y = _conv_bn_act(layer, y, folded, pool=pooled)
-            if se_next:                                           # squeeze-and-excite
-                g = _se_gate(layers[i + 1], pooled, p)
-                _scale_planes(y.reshape(y.shape[0] * N, -1), g.reshape(-1))
-        y = _conv_bn_act(layers[-1], y, folded, res=inp if m.spec.use_residual else None)
-    return y
+            inp, layers = y, m.layers
+            for i, layer in enumerate(layers[:-1]):
+                if isinstance(layer, SqueezeExcite):
+                    continue
+                se_next = isinstance(layers[i + 1], SqueezeExcite)
+                pooled = np.empty((layer.cout, N), dtype=y.dtype) if se_next else None
+                y = _conv_bn_act(layer, y, folded, pool=pooled)
+                if se_next:                                           # squeeze-and-excite
+                    g = _se_gate(layers[i + 1], pooled, p)
+                    _scale_planes(y.reshape(y.shape[0] * N, -1), g.reshape(-1))
+            y = _conv_bn_act(layers[-1], y, folded, res=inp if m.spec.use_residual else None)
+        return y
+
+
+def fold(model) -> FoldedNet:
+    """The fast eval-mode function of ``model`` (a snapshot; see ``FoldedNet``)."""
+    return FoldedNet(model)

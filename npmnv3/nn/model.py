@@ -58,7 +58,7 @@ class MobileNetV3:
         self.training = True              # like torch.nn.Module: train mode until .eval()
         self.impl = "fast"
         self._rng = np.random.default_rng(seed)
-        self._fused = None
+        self._folded = None               # the FoldedNet of the current state, built on use
         self._tape = None
         self._init_weights()
 
@@ -111,7 +111,7 @@ class MobileNetV3:
                 self.buffers[key] = np.array(v, dtype=self.dtype)
             else:
                 self.params[key] = np.array(v, dtype=self.dtype)
-        self._fused = None
+        self.changed()
         return report
 
     def reset_classifier(self, num_classes: int, *, rng=None):
@@ -135,7 +135,8 @@ class MobileNetV3:
             self.arch = {**self.arch, "num_classes": n}
         self.grads.pop("classifier.3.weight", None)
         self.grads.pop("classifier.3.bias", None)
-        self._tape, self._fused = None, None
+        self._tape = None
+        self.changed()
         return self
 
     def named_parameters(self):
@@ -148,8 +149,20 @@ class MobileNetV3:
 
     def train(self, mode: bool = True):
         self.training = bool(mode)
-        self._fused = None
+        self.changed()
         return self
+
+    def changed(self):
+        """Forget everything derived from the parameters (the folded eval function): the one
+        invalidation point, called by every method that changes the model's state."""
+        self._folded = None
+
+    def folded(self):
+        """The ``FoldedNet`` (``npmnv3.nn.folded``) of the model's current state."""
+        if self._folded is None:
+            from .folded import fold
+            self._folded = fold(self)
+        return self._folded
 
     def eval(self):
         return self.train(False)
@@ -202,8 +215,7 @@ class MobileNetV3:
             self._tape = tape
             return logits
         if not keep and not self.training and self.impl == "fast":
-            from .folded import fused_forward
-            return fused_forward(self, x)
+            return self.folded()(x)
         return self._reference_forward(x, rng=rng)[0]
 
     def _frozen_features(self, x):
@@ -212,15 +224,14 @@ class MobileNetV3:
         self.training = False
         try:
             if self.impl == "fast":
-                from .folded import fused_features
                 if training:
-                    self._fused = None          # folded weights may be stale in train mode
-                return fused_features(self, x)
+                    self.changed()              # the folded weights may be stale in train mode
+                return self.folded().features(x)
             return self._reference_forward(x, features_only=True, record=True)[1]["features"]
         finally:
             self.training = training
             if training:
-                self._fused = None
+                self.changed()
 
     # ------------------------------------------------------------------ backward
 
