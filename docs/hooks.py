@@ -5,8 +5,9 @@
   the copy the test suite wrote, or one executed here when there is none for the current
   source. The "Notebooks" section of the nav is filled from the same glob, so a new notebook is
   on the site without editing mkdocs.yml.
-* **Repository pages**: README files that the included README sections link to are mounted at
-  their repository paths (``weights/README.md`` ...), so those links resolve on the site too.
+* **Repository pages**: ``notebooks/README.md``, ``benchmarks/README.md`` and the repository
+  files that they and README.md link to are shown at their repository paths
+  (``weights/README.md`` ...), so those links resolve on the site too.
 * **Generated files**: the landing page's architecture figure (drawn from ``npmnv3.summary``),
   the ``npmnv3`` command's ``--help`` texts (``<!-- cli-help -->`` in a page), and MathJax 3
   (copied from the ``django-static-mathjax`` package: the site loads nothing from the network).
@@ -29,16 +30,17 @@ from pathlib import Path
 import executed_notebooks as nbx
 from mkdocs.exceptions import PluginError
 from mkdocs.plugins import event_priority
-from mkdocs.structure.files import File
+from mkdocs.structure.files import File, InclusionLevel
 
 log = logging.getLogger("mkdocs.hooks.npmnv3")
 ROOT = nbx.ROOT
 if str(ROOT) not in sys.path:          # import npmnv3 from this checkout, as mkdocstrings reads it
     sys.path.insert(0, str(ROOT))
 NOTEBOOKS_SECTION = "Notebooks"
-# Repository files shown on the site at their own paths (README links point at them).
-MOUNTED = ("notebooks/README.md", "weights/README.md", "benchmarks/README.md",
-           "tests/data/LICENSES.md")
+# Repository files shown on the site at their own paths: these, and every repository file that
+# they or README.md link to (a benchmark's plot, a licence file), so those links resolve.
+MOUNTED = ("notebooks/README.md", "benchmarks/README.md")
+RELATIVE_LINK = re.compile(r"\]\((?![a-z]+:|/|#)([^)#\s]+)")
 MATHJAX = "assets/mathjax/tex-svg-full.js"        # must match extra_javascript in mkdocs.yml
 FIGURE = "assets/architecture.svg"
 CLI_MARKER = "<!-- cli-help -->"
@@ -85,17 +87,33 @@ def on_config(config):
 
 @event_priority(100)                          # before mkdocs-jupyter turns .ipynb into pages
 def on_files(files, config):
-    def at(src_uri: str, src_dir: Path) -> File:       # src_dir/src_uri shown at src_uri
-        return File(src_uri, str(src_dir), config.site_dir, config.use_directory_urls)
+    def at(src_uri: str, src_dir: Path, **kw) -> File:   # src_dir/src_uri shown at src_uri
+        return File(src_uri, str(src_dir), config.site_dir, config.use_directory_urls, **kw)
 
     for path in nbx.sources():
         copy = _executed(path)                          # build/notebooks/NAME.ipynb
         files.append(at(f"notebooks/{copy.name}", copy.parent.parent))
-    for rel in MOUNTED:
-        files.append(at(rel, ROOT))
+    for rel in _mounted():
+        if files.get_file_from_path(rel) is None:
+            # a linked page need not be in the nav (no "not included in the nav" warning)
+            files.append(at(rel, ROOT, inclusion=InclusionLevel.NOT_IN_NAV))
     files.append(File.generated(config, FIGURE, content=architecture_svg()))
     files.append(File.generated(config, MATHJAX, abs_src_path=str(_mathjax_file())))
     return files
+
+
+def _mounted() -> list[str]:
+    """MOUNTED plus the repository files that they and README.md link to (one level)."""
+    found = list(MOUNTED)
+    for md in ("README.md", *MOUNTED):
+        base = (ROOT / md).parent
+        for target in RELATIVE_LINK.findall((ROOT / md).read_text(encoding="utf-8")):
+            path = (base / target).resolve()
+            if path.is_file() and path.is_relative_to(ROOT):
+                rel = path.relative_to(ROOT).as_posix()
+                if rel not in found and rel != "README.md":
+                    found.append(rel)
+    return found
 
 
 def _executed(path: Path) -> Path:
