@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import require_torch, require_torchvision
+from support import randomise, require_torch, require_torchvision
 
 from npmnv3.io import pth as checkpoint
 from npmnv3.io.pth import CheckpointError, load_pth
@@ -144,12 +144,7 @@ def randomised_state_dict(arch: str):
     torch, torchvision = require_torch(), require_torchvision()
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):  # running stats would be 0/1 otherwise
-                m.running_mean.copy_(torch.rand_like(m.running_mean) - 0.5)
-                m.running_var.copy_(torch.rand_like(m.running_var) + 0.5)
-                m.num_batches_tracked.fill_(int(torch.randint(1, 10**6, ())))
+    randomise(torch, model, seed=0)          # running stats would be 0/1 otherwise
     return model.state_dict()
 
 
