@@ -2,9 +2,10 @@
 
 Each notebook is executed once per CI run: ``tests/test_notebooks.py`` executes every notebook
 in a fresh kernel and stores the result in ``build/notebooks/`` (git-ignored), stamped with the
-SHA-256 of the source file it ran; the docs build (``docs/hooks.py``) renders those copies and
-executes, the same way, only the notebooks that have no copy stamped with their current source
-(on a fresh checkout: all of them). Execution needs no network.
+SHA-256 of the notebook it ran and of the npmnv3 package it imported; the docs build
+(``docs/hooks.py``) renders those copies and executes, the same way, only the notebooks whose
+copy is missing or has another stamp (on a fresh checkout: all of them; after an edit to a
+notebook or to the library: those). Execution needs no network.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 EXECUTED = ROOT / "build" / "notebooks"
 CELL_TIMEOUT = 300          # seconds per cell (nbclient's timeout)
-STAMP = "npmnv3_executed"   # notebook metadata key: {"source_sha256": ...}
+STAMP = "npmnv3_executed"   # notebook metadata key: {"notebook_sha256": ..., "npmnv3_sha256": ...}
+PACKAGE = ROOT / "npmnv3"
 
 
 def sources() -> list[Path]:
@@ -26,16 +28,26 @@ def sources() -> list[Path]:
     return sorted(NOTEBOOKS.glob("*.ipynb"))
 
 
-def digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def library_digest() -> str:
+    """SHA-256 over the package's source and data files (what a notebook's outputs depend on)."""
+    h = hashlib.sha256()
+    for f in sorted(PACKAGE.rglob("*")):
+        if f.is_file() and f.suffix in (".py", ".yaml", ".txt"):
+            h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def stamp(data: bytes) -> dict:
+    return {"notebook_sha256": hashlib.sha256(data).hexdigest(),
+            "npmnv3_sha256": library_digest()}
 
 
 def read(path: Path):
-    """``(notebook, digest)`` of one read of ``path``: the digest is of the bytes parsed."""
+    """``(notebook, stamp)`` of one read of ``path``: the stamp is of the bytes parsed."""
     import nbformat
 
     data = Path(path).read_bytes()
-    return nbformat.reads(data.decode("utf-8"), as_version=4), hashlib.sha256(data).hexdigest()
+    return nbformat.reads(data.decode("utf-8"), as_version=4), stamp(data)
 
 
 def executed_path(path: Path) -> Path:
@@ -54,12 +66,12 @@ def execute(nb, workdir: Path):
     return nb
 
 
-def store(nb, source_digest: str, path: Path) -> Path:
-    """Write the executed ``nb`` of source ``path`` to ``build/notebooks/`` atomically, stamped
-    with ``source_digest`` (the digest of the file that was read, not of the file now)."""
+def store(nb, nb_stamp: dict, path: Path) -> Path:
+    """Write the executed ``nb`` of source ``path`` to ``build/notebooks/`` atomically, with
+    the ``stamp`` that ``read`` returned (of the files as they were read, not as they are now)."""
     import nbformat
 
-    nb.metadata[STAMP] = {"source_sha256": source_digest}
+    nb.metadata[STAMP] = nb_stamp
     out = executed_path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".partial")
@@ -77,7 +89,8 @@ def store(nb, source_digest: str, path: Path) -> Path:
 
 
 def fresh_copy(path: Path) -> Path | None:
-    """The executed copy of ``path`` if it was made from the source as it is now, else None."""
+    """The executed copy of ``path`` if it was made from the notebook and the library as they
+    are now, else None."""
     import json
 
     out = executed_path(path)
@@ -85,7 +98,7 @@ def fresh_copy(path: Path) -> Path | None:
         meta = json.loads(out.read_text(encoding="utf-8")).get("metadata", {})
     except (OSError, ValueError):
         return None
-    return out if meta.get(STAMP, {}).get("source_sha256") == digest(path) else None
+    return out if meta.get(STAMP) == stamp(Path(path).read_bytes()) else None
 
 
 def ensure_executed(path: Path) -> tuple[Path, bool]:
@@ -94,7 +107,7 @@ def ensure_executed(path: Path) -> tuple[Path, bool]:
     out = fresh_copy(path)
     if out is not None:
         return out, False
-    nb, source_digest = read(path)
+    nb, nb_stamp = read(path)
     with tempfile.TemporaryDirectory(prefix="npmnv3-nb-") as workdir:
         execute(nb, Path(workdir))
-    return store(nb, source_digest, path), True
+    return store(nb, nb_stamp, path), True

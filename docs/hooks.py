@@ -121,8 +121,8 @@ def _executed(path: Path) -> Path:
     copy = nbx.fresh_copy(path)
     if copy is not None:
         return copy
-    log.info(f"executing notebooks/{path.name}: no executed copy of its current source in "
-             f"build/notebooks/ (tests/test_notebooks.py writes them)")
+    log.info(f"executing notebooks/{path.name}: build/notebooks/ has no copy executed from it "
+             f"and npmnv3 as they are now (tests/test_notebooks.py writes them)")
     start = time.perf_counter()
     try:
         copy, _ = nbx.ensure_executed(path)

@@ -118,7 +118,7 @@ def test_notebook_runs_within_budget(path, tmp_path):
     if _uses_torch(path) and _in_ci():
         _require("torch", f"{path.name} as a comparison with the reference")
         _require("torchvision", f"{path.name} as a comparison with the reference")
-    nb, digest = nbx.read(path)                        # an in-memory copy; the file is untouched
+    nb, stamp = nbx.read(path)                         # an in-memory copy; the file is untouched
     start = time.perf_counter()
     try:
         nbx.execute(nb, tmp_path)
@@ -131,7 +131,7 @@ def test_notebook_runs_within_budget(path, tmp_path):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
     if not errors:
-        nbx.store(nb, digest, path)                    # the docs build renders it: run only once
+        nbx.store(nb, stamp, path)                     # the docs build renders it: run only once
     assert elapsed <= BUDGET, (f"{path.name} took {elapsed:.1f} s > its budget of {BUDGET:.0f} s "
                                f"(slowest: {_slowest_cells(nb)})")
     assert not errors, f"{path.name}: error outputs {errors}"
