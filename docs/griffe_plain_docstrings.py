@@ -62,11 +62,14 @@ def _paragraph(lines: list[str]) -> list[str]:
     base = _indent(lines[0])
     out = []
     for k, line in enumerate(lines):
-        if LIST_ITEM.match(line):
+        item = LIST_ITEM.match(line)
+        if item:
             if k and not LIST_ITEM.match(lines[k - 1]) and _indent(line) <= base:
                 out.append("")                              # Markdown lists need a blank line
-            base = LIST_ITEM.match(line).end()
-        elif k and _indent(line) > base:                    # hanging lines: a formula block
+            base = item.end()
+            out.append(line[:base] + _escape(line[base:]))  # the marker stays a marker
+            continue
+        if k and _indent(line) > base:                      # hanging lines: a formula block
             head = lines[:k] if lines[k - 1].rstrip().endswith(":") else []
             block = lines[len(head):]
             first = min(_indent(ln) for ln in block)
