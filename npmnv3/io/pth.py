@@ -87,13 +87,15 @@ class _TorchPolicy(Policy):
         if not (isinstance(stype, T.StorageType) and type(key) is str
                 and type(location) is str and _is_int(numel)):
             raise CheckpointError(f"malformed storage persistent id {T.describe(pid)}")
+        if len(key) > 64:  # torch's keys are decimal numbers
+            raise CheckpointError(f"storage key of {len(key)} characters")
         if not 0 <= numel < 2**62 or (len(pid) == 6 and pid[5] is not None):
-            raise CheckpointError(f"unsupported storage {key[:40]!r}: bad numel or legacy view")
+            raise CheckpointError(f"unsupported storage {key!r}: bad numel or legacy view")
         if self.storages is None:
             raise CheckpointError("unexpected storage reference outside the object pickle")
         ref = self.storages.setdefault(key, T.StorageRef(stype, key, numel))
         if ref != (stype, key, numel):
-            raise CheckpointError(f"storage {key[:40]!r} declared twice with different types")
+            raise CheckpointError(f"storage {key!r} declared twice with different types")
         return ref
 
     def describe(self, obj):
@@ -169,18 +171,19 @@ def _read_legacy(data: bytes):
     storages: dict[str, T.StorageRef] = {}
     obj, pos = unpickle(data, _TorchPolicy(storages), start=pos, where="the legacy object pickle")
     keys, pos = unpickle(data, header, start=pos, where="the legacy storage-key pickle")
-    if type(keys) is not list or len(keys) != len(storages) or set(keys) != set(storages):
+    if (type(keys) is not list or len(keys) != len(storages)
+            or not all(type(k) is str for k in keys) or set(keys) != set(storages)):
         raise CheckpointError("legacy storage key list does not match the storages referenced")
     spans = {}  # key -> (start, stop) of the raw bytes in `data`
     for key in keys:
         ref = storages[key]
         if pos + 8 > len(data):
-            raise CheckpointError(f"file ends before the element count of storage {key[:40]!r}")
+            raise CheckpointError(f"file ends before the element count of storage {key!r}")
         count, start = int.from_bytes(data[pos : pos + 8], "little", signed=True), pos + 8
         nbytes = count * ref.stype.dtype.itemsize
         if count != ref.numel or start + nbytes > len(data):
             raise CheckpointError(
-                f"storage {key[:40]!r}: {len(data) - start} bytes left in the file and {count} "
+                f"storage {key!r}: {len(data) - start} bytes left in the file and {count} "
                 f"elements recorded, but {ref.numel} x {ref.stype.name} "
                 f"= {ref.numel * ref.stype.dtype.itemsize} bytes declared"
             )
@@ -226,14 +229,14 @@ def _materialise(name: str, t: T.TensorRef, storage: np.ndarray) -> np.ndarray:
     size, stride, offset = t.size, t.stride, t.offset
     numel = math.prod(size)
     if len(size) != len(stride) or min(size + stride + (offset,)) < 0:
-        raise CheckpointError(f"tensor {name!r}: bad view size={size} stride={stride}")
+        raise CheckpointError(f"tensor {T.describe(name)}: bad view size={size} stride={stride}")
     if numel == 0:
         return np.empty(size, dtype=storage.dtype)
     last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
     if last >= storage.size or numel > storage.size:
         raise CheckpointError(
-            f"tensor {name!r}: view offset={offset} size={size} stride={stride} does not fit "
-            f"in storage {t.storage.key!r} of {storage.size} elements"
+            f"tensor {T.describe(name)}: view offset={offset} size={size} stride={stride} does "
+            f"not fit in storage {t.storage.key!r} of {storage.size} elements"
         )
     item = storage.itemsize
     view = np.lib.stride_tricks.as_strided(
@@ -253,6 +256,7 @@ class _Tensors:
     def tensor(self, name: str, t: T.TensorRef) -> np.ndarray:
         ref = t.storage
         if ref.key not in self.storages:  # each fits in the file; together they must too
+            # (zip records can overlap: one record's bytes can hold another whole record)
             self.storages[ref.key] = self.load_storage(ref)
             self.stored += ref.numel * ref.stype.dtype.itemsize
             if self.stored > self.file_size:

@@ -233,16 +233,18 @@ def _rebuild_qtensor(storage, storage_offset, size, stride, qparams, requires_gr
     if not (type(axis) is int and 0 <= axis < len(t.size)):
         raise CheckpointError(f"per_channel_affine axis {describe(axis)} out of range for a "
                               f"{len(t.size)}-d tensor")
-    for what, ref, dtype in (("scales", scales, "f8"), ("zero points", zero_points, "i8")):
+    checks = (("scales", scales, "f8"), ("zero points", zero_points, "i8"))
+    for what, ref, _ in checks:
         if not isinstance(ref, TensorRef):
             raise CheckpointError(f"per_channel_affine {what} are {describe(ref)}")
         if ref.size != (t.size[axis],):
             raise CheckpointError(f"per_channel_affine {what} of shape {ref.size} for "
                                   f"{t.size[axis]} channels on axis {axis}")
+    if zero_points.storage.stype.dtype.kind == "f":  # what torch writes for float_qparams
+        raise CheckpointError("float zero points: unsupported qscheme "
+                              "'torch.per_channel_affine_float_qparams'")
+    for what, ref, dtype in checks:
         if ref.storage.stype.dtype != np.dtype(dtype):
-            if what == "zero points" and ref.storage.stype.dtype.kind == "f":
-                raise CheckpointError("float zero points: unsupported qscheme "
-                                      "'torch.per_channel_affine_float_qparams'")
             raise CheckpointError(f"per_channel_affine {what} stored as "
                                   f"torch.{ref.storage.stype.name}")
     return QTensorRef(t, scales, zero_points, axis)

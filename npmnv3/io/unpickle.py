@@ -325,7 +325,8 @@ class _Machine:
                 if len(self.stack) > self.limits.stack:
                     raise CheckpointError(f"more than {self.limits.stack} items on the stack")
         except CheckpointError as e:
-            name = _NAMES.get(data[at], "") + " " if at < self.end else ""
+            name = _NAMES.get(data[at]) if at < self.end else None
+            name = f"{name} " if name else ""
             raise CheckpointError(f"{e} ({name}at byte {at} of {where})") from None
 
 
