@@ -83,9 +83,8 @@ class _TorchPolicy(Policy):
         if not (type(pid) is tuple and len(pid) in (5, 6) and pid[0] == "storage"):
             raise CheckpointError(f"refusing persistent id {T.describe(pid)}: only "
                                   f"('storage', ...) is allowed")
-        _, stype, key, location, numel = pid[:5]  # location ('cpu', 'cuda:0') is ignored
-        if not (isinstance(stype, T.StorageType) and type(key) is str
-                and type(location) is str and _is_int(numel)):
+        _, stype, key, _location, numel = pid[:5]  # location ('cpu', 'cuda:0') is ignored
+        if not (isinstance(stype, T.StorageType) and type(key) is str and _is_int(numel)):
             raise CheckpointError(f"malformed storage persistent id {T.describe(pid)}")
         if len(key) > 64:  # torch's keys are decimal numbers
             raise CheckpointError(f"storage key of {len(key)} characters")
@@ -131,8 +130,10 @@ def _read_zip(f, file_size: int):
             raise CheckpointError(
                 f"record '{name}' holds {info.file_size} bytes, expected {expected_size} {what}"
             )
-        if (info.compress_size != info.file_size
-                or info.header_offset + info.file_size > file_size):
+        if info.compress_size != info.file_size:
+            raise CheckpointError(f"record '{name}' is stored, but its directory entry gives "
+                                  f"{info.compress_size} and {info.file_size} bytes")
+        if info.header_offset + info.file_size > file_size:
             raise CheckpointError(f"record '{name}' extends past the end of the file")
         try:
             return zf.read(info)
