@@ -27,7 +27,8 @@ from support import require_torchvision
 
 from npmnv3 import weights as W
 from npmnv3.cli import main
-from npmnv3.io.convert import META_KEY, convert, load_npz
+from npmnv3.io.convert import convert
+from npmnv3.io.npz import META_KEY, load_npz
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0          # seconds: a test request to 127.0.0.1 never takes this long
@@ -328,7 +329,7 @@ def test_official_file_given_by_path_is_verified_but_kept(entry, checkpoint, tmp
     assert load_classifier(weights=pth).source == str(pth)
     npz = tmp_path / "mine.npz"                                 # converted from it: also checked
     convert(pth, npz)
-    assert load_classifier(weights=npz).resize_size == entry.resize_size
+    assert load_classifier(weights=npz).preprocessing == entry.preprocessing
     sd, meta = load_npz(npz)
     meta["source_sha256"] = "f" * 64
     np.savez(npz, **sd, **{META_KEY: np.frombuffer(json.dumps(meta).encode(), np.uint8)})
