@@ -22,6 +22,7 @@ from support import require_torch, require_torchvision
 from test_checkpoint import P, assert_same, save, write_zip
 from test_checkpoint_fuzz import tiny_quantized
 
+import npmnv3
 from npmnv3.io.pth import CheckpointError, QTensor, is_quantized_state_dict, load_pth
 
 ENGINES = ["qnnpack", "fbgemm", "x86"]
@@ -286,3 +287,16 @@ def test_tuples_only_as_packed_params(tmp_path):
     t = torch.ones(2)
     with pytest.raises(CheckpointError, match="not a state_dict: entry 'a' is a tuple"):
         load_pth(save(torch, {"a": (t, t)}, tmp_path / "t.pth"))
+
+
+def test_quantized_checkpoint_into_the_float_model_says_which_is_which(tmp_path):
+    """read_weights / load_state_dict of a quantized checkpoint: one line naming it quantized
+    and pointing to the int8 model, not a list of key mismatches."""
+    torch = require_torch()
+    sd = quantized_state_dict("small", "qnnpack")
+    path = save(torch, sd, tmp_path / "q.pth")
+    with pytest.raises(CheckpointError, match=r"q\.pth: a quantized \(int8\) checkpoint, not a "
+                                              r"float one.*quantized_mobilenet_v3_large"):
+        npmnv3.read_weights(path)
+    with pytest.raises(ValueError, match="a quantized .int8. checkpoint, not a float one"):
+        npmnv3.mobilenet_v3_small().load_state_dict(load_pth(path))
