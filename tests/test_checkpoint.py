@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from support import randomise, require_torch, require_torchvision
 
-from npmnv3.io import pth as checkpoint
+from npmnv3.io import pth_objects
 from npmnv3.io.pth import CheckpointError, load_pth
 
 REPO = Path(__file__).resolve().parents[1]
@@ -398,7 +398,7 @@ def test_forbidden_pickle_constructs(tmp_path, name):
     pkl, match = FORBIDDEN[name]
     with pytest.raises(CheckpointError, match=match):
         load_pth(write_zip(tmp_path / "x.pth", pkl, {"0": W.tobytes()}))
-    assert checkpoint._rebuild_tensor_v2.__defaults__ == (None,)  # nothing was mutated
+    assert pth_objects._rebuild_tensor_v2.__defaults__ == (None,)  # nothing was mutated
 
 
 # --- malformed files: one clear CheckpointError naming the path ---------------------------------
