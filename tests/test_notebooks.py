@@ -121,7 +121,7 @@ def test_notebook_runs_within_budget(path, tmp_path):
     nb, stamp = nbx.read(path)                         # an in-memory copy; the file is untouched
     start = time.perf_counter()
     try:
-        nbx.execute(nb, tmp_path)
+        nbx.execute(nb, tmp_path, path)
     except nbclient.exceptions.CellExecutionError as e:
         pytest.fail(f"{path.name} failed after {time.perf_counter() - start:.1f} s:\n{e}",
                     pytrace=False)
@@ -135,3 +135,51 @@ def test_notebook_runs_within_budget(path, tmp_path):
     assert elapsed <= BUDGET, (f"{path.name} took {elapsed:.1f} s > its budget of {BUDGET:.0f} s "
                                f"(slowest: {_slowest_cells(nb)})")
     assert not errors, f"{path.name}: error outputs {errors}"
+
+
+def _exercise_notebook(tmp_path, solution: str | None):
+    """A two-cell-per-exercise notebook in the convention, with its solutions file."""
+    nbformat = _require("nbformat")
+    v4 = nbformat.v4
+    cells = [v4.new_code_cell("import npmnv3"),
+             v4.new_markdown_cell("## Exercise 1: square a number"),
+             v4.new_code_cell("def my_square(x):\n    raise NotImplementedError  # YOUR CODE"),
+             v4.new_code_cell("try:\n    got = my_square(3)\nexcept NotImplementedError:\n"
+                              "    print('Exercise 1: not done yet')\nelse:\n"
+                              "    assert got == 9, got\n    print('Exercise 1: correct')"),
+             v4.new_code_cell("after = 1\nassert after == 1")]
+    cells[2].metadata["tags"] = ["exercise"]
+    cells[3].metadata["tags"] = ["check"]
+    path = tmp_path / "99_demo.ipynb"
+    nbformat.write(v4.new_notebook(cells=cells), path)
+    if solution is not None:
+        (tmp_path / "solutions").mkdir()
+        (tmp_path / "solutions" / "99_demo.py").write_text(
+            f"# %% Exercise 1\n{solution}\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("case", ["right", "wrong", "missing"])
+def test_exercise_solutions_are_run_and_checked(tmp_path, case):
+    """The reader's run shows 'not done yet'; the solution runs right after the check, in the
+    same kernel, and must make it print 'correct'; a wrong or missing solution fails."""
+    _require("nbclient")
+    _require("ipykernel")
+    solution = {"right": "def my_square(x):\n    return x * x",
+                "wrong": "def my_square(x):\n    return x + x", "missing": None}[case]
+    path = _exercise_notebook(tmp_path, solution)
+    nb, _ = nbx.read(path)
+    if case == "missing":
+        with pytest.raises(ValueError, match=r"1 exercises, but .*99_demo\.py has sections \[\]"):
+            nbx.execute(nb, tmp_path, path)
+        return
+    if case == "wrong":
+        with pytest.raises(AssertionError, match="exercise 1: running the check after its "
+                                                 "solution failed(.|\n)*assert got == 9"):
+            nbx.execute(nb, tmp_path, path)
+        return
+    nbx.execute(nb, tmp_path, path)
+    shown = "".join(o.get("text", "") for o in nb.cells[3].outputs)
+    assert shown.strip() == "Exercise 1: not done yet"          # what the reader (and docs) see
+    counts = [c.execution_count for c in nb.cells if c.cell_type == "code"]
+    assert counts == [1, 2, 3, 4], counts                        # the scratch runs do not count
