@@ -5,20 +5,11 @@ a plain NumPy version that reads like the math and a fast version; torch and tor
 reference the tests compare against, never a run-time dependency.
 """
 
-import os as _os
-import sys as _sys
+from .kernels import threads as _threads
 
-# Thread pools: NumPy's OpenBLAS and Numba's OpenMP pool take turns on the same cores. OpenBLAS
-# workers spin for a long time after each matrix multiply (by default ~2^28 cycles), so the next
-# Numba parallel loop waits for the OS scheduler: ~8 ms per switch on 2 cores
-# (benchmarks/README.md). OPENBLAS_THREAD_TIMEOUT=4 makes them sleep right away; OpenBLAS reads
-# it once, when NumPy is first imported. If NumPy was imported before npmnv3 without it, Numba's
-# pool is made to wait passively instead (~50 us per parallel loop, but no 8 ms stalls).
-# A value the user has set is always kept.
-if "numpy" not in _sys.modules:
-    _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-elif "OPENBLAS_THREAD_TIMEOUT" not in _os.environ:
-    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Thread pools: no environment variable is set at import; the eval engine takes the cores only
+# while it runs (BLAS single-threaded inside Numba's loops), see npmnv3/kernels/threads.py.
+_threads.init()
 
 from . import kernels  # noqa: E402
 from .data.preprocess import load_image, preprocess  # noqa: E402

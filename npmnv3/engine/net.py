@@ -58,10 +58,13 @@ class FoldedNet:
         """Eval-mode output of ``features``: (N, C, h, w)."""
         return self._run(x, feats=True, trace=False, logits=False)[0]
 
-    def trace(self, x):
+    def trace(self, x, mode=None):
         """{step module name: its output (N, C, h, w)} for every step (stem, each block, the
-        last conv), and "logits": what the tests compare with torchvision stage by stage."""
-        _, logits, outs = self._run(x, feats=False, trace=True)
+        last conv), and "logits": what the tests compare with torchvision stage by stage.
+        ``mode``: "images" or "bands" to force a threading mode (default: ``self.mode(N)``)."""
+        if mode not in (None, "images", "bands"):
+            raise ValueError(f"mode must be None, 'images' or 'bands', got {mode!r}")
+        _, logits, outs = self._run(x, feats=False, trace=True, mode=mode)
         outs["logits"] = logits
         return outs
 
