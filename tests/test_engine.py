@@ -144,7 +144,7 @@ def test_conv_rows_equal_reference(K_out, H, W):
     out = np.zeros((Ho, Wo, K_out))
     nhwc.conv_rows(x[0], np.ascontiguousarray(w.reshape(K_out, -1).T), b,
                    (H, W, Ho, Wo, 3, 2, 1, 1), ACT_CODES["hardswish"],
-                   np.array([0.0, 3.0, 6.0]), 0, Ho, np.zeros((Wo, K_out)), out)
+                   np.array([0.0, 3.0, 6.0]), 0, Ho, np.zeros(2 * 27 * Wo), out)
     assert rel_error(out, _nhwc(ref)) < RTOL64
 
 

@@ -38,6 +38,7 @@ STEM, BLOCK, CONV1 = 0, 1, 2
 NF = 28
 
 BAND_BYTES = 256 * 1024     # the expansion band a depthwise conv reads: about half of an L2
+STEM_COLS = 16 * 1024       # values of the stem's im2col band (64 KB in float32)
 
 
 def fold_conv_bn(model, m: ConvBNAct):
@@ -160,6 +161,9 @@ class Plan:
                 band = max(band, min(h, span) * w * cexp if r[F_EXPAND] else 0)
                 dw = max(dw, ho * wo * cexp)
             acc = max(acc, wo * cexp)
+            if r[F_KIND] == STEM:               # im2col scratch: rows of about STEM_COLS
+                row = wo * r[F_CIN] * k * k
+                acc = max(acc, max(1, STEM_COLS // row) * row)
             act = max(act, ho * wo * r[F_COUT])
             chan = max(chan, cexp)
             sq = max(sq, r[F_SQ])

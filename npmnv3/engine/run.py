@@ -85,8 +85,8 @@ def stem_rows(t, wb, xn, y, acc, kc, o0, o1):
     K = t[F_COUT]
     w = mat(wb, t[F_WE], xn.shape[0] * t[F_K] * t[F_K], K)
     Wo = t[F_WO]
-    conv_rows(xn, w, wb[t[F_BE]:t[F_BE] + K], geometry(t), t[F_ACT], kc, o0, o1,
-              acc[:Wo * K].reshape(Wo, K), y[:t[F_HO] * Wo * K].reshape(t[F_HO], Wo, K))
+    conv_rows(xn, w, wb[t[F_BE]:t[F_BE] + K], geometry(t), t[F_ACT], kc, o0, o1, acc,
+              y[:t[F_HO] * Wo * K].reshape(t[F_HO], Wo, K))
 
 
 @njit(cache=True)

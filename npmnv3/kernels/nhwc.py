@@ -113,47 +113,46 @@ def depthwise_rows(src, lo, w, b, geom, act, kc, o0, o1, acc, out, pool):
 
 
 @njit(cache=True)
-def conv_rows(x, w, b, geom, act, kc, o0, o1, acc, out):
+def conv_rows(x, w, b, geom, act, kc, o0, o1, cols, out):
     """Dense conv of a few-channel NCHW image (the 3-channel stem) into NHWC, rows [o0, o1).
 
-    x (C, H, W) one image; w (C*k*k, K) with row (c*k + u)*k + v; out (Ho, Wo, K); acc (Wo, K)
-    scratch. Each tap broadcasts one input value over the K output channels; K = 16 (the stem
-    of every width but 0.5) has its own loop with a constant trip count (two AVX2 FMAs).
+    x (C, H, W) one image; w (C*k*k, K) with row (c*k + u)*k + v; out (Ho, Wo, K). By bands
+    of rows that fit the scratch ``cols`` (flat): im2col transposed, colsT (C*k*k, rows*Wo),
+    one contiguous strided copy per tap and row (zeros outside the image), then one GEMM
+    out_band (rows*Wo, K) = colsT.T @ w and the epilogue on the band while it is in cache.
     """
     H, W, Ho, Wo, k, s, p, d = geom
     C = x.shape[0]
-    K = w.shape[1]
-    z, three, six = kc[0], kc[1], kc[2]
-    for i in range(o0, o1):
-        for j in range(Wo):
-            for q in range(K):
-                acc[j, q] = b[q]
+    CKK, K = w.shape
+    R = max(1, cols.shape[0] // (CKK * Wo))
+    z = kc[0]
+    for r0 in range(o0, o1, R):
+        r1 = min(o1, r0 + R)
+        L = (r1 - r0) * Wo
+        ct = cols[:CKK * L].reshape(CKK, L)
         for c in range(C):
             for u in range(k):
-                ii = i * s - p + u * d
-                if ii < 0 or ii >= H:
-                    continue
-                xr = x[c, ii]
                 for v in range(k):
+                    row = ct[(c * k + u) * k + v]
                     off = v * d - p
                     jlo, jhi = col_range(off, s, W, Wo)
-                    wt = w[(c * k + u) * k + v]
-                    if K == 16:
+                    for i in range(r0, r1):
+                        ii = i * s - p + u * d
+                        seg = row[(i - r0) * Wo:(i - r0 + 1) * Wo]
+                        if ii < 0 or ii >= H:
+                            for j in range(Wo):
+                                seg[j] = z
+                            continue
+                        xr = x[c, ii]
+                        for j in range(jlo):
+                            seg[j] = z
                         for j in range(jlo, jhi):
-                            xv = xr[j * s + off]
-                            a = acc[j]
-                            for q in range(16):
-                                a[q] += wt[q] * xv
-                    else:
-                        for j in range(jlo, jhi):
-                            xv = xr[j * s + off]
-                            a = acc[j]
-                            for q in range(K):
-                                a[q] += wt[q] * xv
-        o = out[i]
-        for j in range(Wo):
-            for q in range(K):
-                o[j, q] = apply_act(acc[j, q], act, z, three, six)
+                            seg[j] = xr[j * s + off]
+                        for j in range(jhi, Wo):
+                            seg[j] = z
+        band = out[r0:r1].reshape(L, K)
+        np.dot(ct.T, w, band)
+        bias_act(band, b, act, kc)
 
 
 @njit(cache=True)
