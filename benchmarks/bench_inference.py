@@ -187,8 +187,8 @@ def part_order(args):
     for arch in args.arch:
         for b in args.batch:
             res = {o: [] for o in orders}
-            for _ in range(args.rounds):
-                for o in orders:
+            for r in range(args.rounds):                     # rotate who goes first
+                for o in orders[r % 4:] + orders[:r % 4]:
                     res[o].append(measure("npmnv3", arch, b, reps=30 if b == 1 else 6,
                                           first=o)["ms_per_image"])
             m = [statistics.median(res[o]) for o in orders]
@@ -233,7 +233,7 @@ def main():
           f"{args.rounds} interleaved rounds, each library in a fresh process")
     print(f"# {platform.machine()}, {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
           f"NumPy {np.__version__}, Numba {numba.__version__}, "
-          f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC\n")
+          f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC\n", flush=True)
     measure("npmnv3", "small", 1, mode="start")           # make sure the Numba cache is warm
     with tempfile.TemporaryDirectory() as folder:
         onnx = {arch: export_onnx(arch, folder) for arch in args.arch}

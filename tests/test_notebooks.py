@@ -27,7 +27,8 @@ import pytest
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
 EXPECTED = ("01_building_blocks", "02_inverted_residual", "03_the_network",
-            "04_compare_with_torchvision", "05_training", "06_pretrained_inference")
+            "04_compare_with_torchvision", "05_training", "06_pretrained_inference",
+            "07_from_textbook_to_engine")
 CELL_TIMEOUT = 300          # seconds per cell (nbclient's timeout)
 BUDGET = 120.0              # seconds of wall time per notebook, kernel start included
 MAX_BYTES = 1_000_000       # per file on disk: commit with outputs cleared or small
@@ -131,3 +132,15 @@ def test_notebook_runs_within_budget(path, tmp_path):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
     assert not errors, f"{path.name}: error outputs {errors}"
+
+
+SOLUTIONS = sorted((NOTEBOOKS / "solutions").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
+def test_exercise_solutions_pass_their_checks(path):
+    """Each notebook's exercise solutions (notebooks/solutions/NN_*.py) run and assert the same
+    checks as the notebook's check cells; every solution file belongs to a notebook."""
+    import runpy
+    assert any(p.stem == path.stem for p in PATHS), f"{path.name}: no notebook {path.stem}.ipynb"
+    runpy.run_path(str(path), run_name="__main__")
