@@ -26,7 +26,7 @@ class Workspace:
         scratch = sizes["band"] + sizes["acc"] + sizes["sq"] + sizes["chan"]
         self.ws = np.zeros((slots, 2 * act + dw), dtype=dtype)
         self.sc = np.zeros((threads, scratch), dtype=dtype)
-        self.pools = np.zeros((threads, sizes["chan"]), dtype=np.float64)
+        self.pools = np.zeros((2 * threads, sizes["chan"]), dtype=np.float64)  # partial, total
 
     @property
     def nbytes(self):
@@ -142,12 +142,12 @@ class FoldedNet:
     @staticmethod
     def band_phases(tab, trace):
         """The phases of one image split over threads (``run.py``): FRONT for every step, then
-        GATE + BACK for SE blocks, GATE (the pool) for the last conv, RECORD if tracing."""
+        BACK for SE blocks, GATE (the pool) for the last conv, RECORD if tracing."""
         phases = []
         for i, t in enumerate(tab):
             phases.append((run.FRONT, i))
             if t[F_KIND] == BLOCK and t[F_SE]:
-                phases += [(run.GATE, i), (run.BACK, i)]
+                phases.append((run.BACK, i))
             elif t[F_KIND] == CONV1:
                 phases.append((run.GATE, i))
             if trace:

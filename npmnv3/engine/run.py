@@ -171,9 +171,11 @@ def conv1_pixels(t, wb, x, y, pool, kc, q0, q1):
 #
 # One parallel loop in the whole engine (``forward``): a list of phases, each run by T tasks
 # (one per thread). Phases: IMAGES (task c runs whole images), or per step FRONT (rows / pixels
-# [cn/T, (c+1)n/T) of stem, expand + depthwise [+ projection], last conv), GATE (task 0 only:
-# sum the threads' SE partial sums, compute the gate), BACK (pixels of an SE projection), then
-# CLS0 / CLS1 (output rows of the two classifier layers).
+# [cn/T, (c+1)n/T) of stem, expand + depthwise [+ projection], last conv), BACK (SE blocks:
+# each task sums the tasks' squeeze partials, computes the gate -- a few us, done twice rather
+# than waiting for one thread -- and projects its pixels), GATE (task 0: the last conv's
+# average pool), RECORD (task 0 copies a step's output for ``trace``), then CLS0 / CLS1 (output
+# rows of the two classifier layers).
 
 IMAGES, FRONT, GATE, BACK, RECORD, CLS0, CLS1 = range(7)
 
@@ -198,12 +200,11 @@ def task(ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs, f
     act, dw, band, nacc, chan, sq = sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5]
     s = sc[c]
     E, acc, h = s[:band], s[band:band + nacc], s[band + nacc:band + nacc + sq]
-    g = sc[0][band + nacc + sq:band + nacc + sq + chan]       # the gate: task 0's scratch
+    g = s[band + nacc + sq:band + nacc + sq + chan]
     if ph == IMAGES:
         wsl = ws[c]
         n_lo, n_hi, share = c * xs.shape[0] // T, (c + 1) * xs.shape[0] // T, 1
         j_lo, j_hi = (0, tab.shape[0]) if i < 0 else (i, i + 1)     # all steps, or step i
-        g = s[band + nacc + sq:band + nacc + sq + chan]
     elif ph <= RECORD:
         wsl = ws[0]
         n_lo, n_hi, j_lo, j_hi, share = n0, n0 + 1, i, i + 1, T
@@ -229,15 +230,14 @@ def task(ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs, f
             part = np.int64(0) if whole else np.int64(c)   # this task's share of the step
             if whole or ph == FRONT:
                 lo, hi = part * rows // share, (part + 1) * rows // share
-                if whole:
-                    fill(pool, 0.0)
+                fill(pool, 0.0)                     # this task's SE / pool partial sums
                 if kind == STEM:
                     stem_rows(t, wb, xs[n], y, acc, kc, lo, hi)
                 elif kind == BLOCK:
                     block_front(t, wb, x, y, D, E, acc, pool if se else pool[:0], kc, lo, hi)
                 else:
                     conv1_pixels(t, wb, x, y, pool, kc, lo, hi)
-            if whole or (ph == GATE and c == 0):
+            if whole or (ph == GATE and c == 0):    # the last conv's average pool
                 if not whole:
                     for k in range(1, T):
                         for q in range(pools.shape[1]):
@@ -248,10 +248,14 @@ def task(ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs, f
                     copy(feats[n], y, feats.shape[1])
                     for q in range(t[F_COUT]):
                         pooled_t[q, n] = pool[q] / pixels
-                if not whole:
-                    for k in range(T):
-                        fill(pools[k], 0.0)
             if (whole or ph == BACK) and kind == BLOCK and se:
+                if not whole:                       # every task sums the partials itself and
+                    tot = pools[T + c]              # computes the gate: no serial phase
+                    fill(tot, 0.0)
+                    for k in range(T):
+                        for q in range(pools.shape[1]):
+                            tot[q] += pools[k, q]
+                    block_gate(t, wb, tot, kc, h, g)
                 block_back(t, wb, x, y, D, g, kc, part * pixels // share,
                            (part + 1) * pixels // share)
             if trace.shape[0] and (whole or ph == RECORD and c == 0):

@@ -97,11 +97,18 @@ def depthwise_rows(src, lo, w, b, geom, act, kc, o0, o1, acc, out, pool):
                 off = v * d - p
                 jlo, jhi = col_range(off, s, W, Wo)
                 wt = w[u * k + v]
-                for j in range(jlo, jhi):
-                    a = acc[j]
-                    xv = row[j * s + off]
-                    for c in range(C):
-                        a[c] += wt[c] * xv[c]
+                if C == 16:                     # the first blocks: a constant trip count
+                    for j in range(jlo, jhi):
+                        a = acc[j]
+                        xv = row[j * s + off]
+                        for c in range(16):
+                            a[c] += wt[c] * xv[c]
+                else:
+                    for j in range(jlo, jhi):
+                        a = acc[j]
+                        xv = row[j * s + off]
+                        for c in range(C):
+                            a[c] += wt[c] * xv[c]
         o = out[i]
         for j in range(Wo):
             for c in range(C):
