@@ -17,9 +17,11 @@ workers then never wake up, whichever library was imported first.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 _CONTROLLER = None
+_BLAS = None            # the lib controllers of every BLAS loaded when the controller was made
 
 
 def init():
@@ -39,11 +41,44 @@ def controller():
     return _CONTROLLER
 
 
+def _blas_libs():
+    global _BLAS
+    if _BLAS is None:
+        _BLAS = list(controller().select(user_api="blas").lib_controllers)
+    return _BLAS
+
+
 @contextmanager
 def single_threaded_blas():
-    """Every BLAS library single-threaded inside the block; previous counts restored after."""
-    with controller().limit(limits=1, user_api="blas"):
+    """Every BLAS library single-threaded inside the block; previous counts restored after.
+
+    threadpoolctl's own ``limit`` context re-selects the libraries on every entry (~40 us);
+    this keeps the selection and costs a few ctypes calls, so it can wrap every GEMM call of
+    the reference kernels too.
+    """
+    libs = _blas_libs()
+    before = [lib.get_num_threads() for lib in libs]
+    for lib, n in zip(libs, before):
+        if n != 1:
+            lib.set_num_threads(1)
+    try:
         yield
+    finally:
+        for lib, n in zip(libs, before):
+            if n != 1:
+                lib.set_num_threads(n)
+
+
+def blas_single(fn):
+    """Decorator: run ``fn`` inside ``single_threaded_blas()``. The fast reference kernels
+    alternate GEMMs with Numba parallel loops; with multi-threaded BLAS the two pools spin
+    against each other (a Small training step at batch 32: 45-49 ms/image, vs 17-18 with
+    BLAS single-threaded and Numba's threads owning the cores, benchmarks/README.md)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with single_threaded_blas():
+            return fn(*args, **kwargs)
+    return wrapped
 
 
 def blas_threads() -> dict:
