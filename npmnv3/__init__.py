@@ -53,3 +53,13 @@ __all__ += ["weights", "classify", "load_classifier"]
 from .train.loop import ArrayDataset, ImageFolder, fit, load_checkpoint  # noqa: E402
 
 __all__ += ["ArrayDataset", "ImageFolder", "fit", "load_checkpoint"]
+
+from .nn.quantized import (  # noqa: E402
+    QTensor,
+    QuantizedMobileNetV3,
+    quantized_mobilenet_v3_large,
+    quantized_mobilenet_v3_small,
+)
+
+__all__ += ["QTensor", "QuantizedMobileNetV3", "quantized_mobilenet_v3_large",
+            "quantized_mobilenet_v3_small"]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from npmnv3.tools.gradcheck import numerical_gradient, rel_error
+from npmnv3.tools.qcompare import randomise  # noqa: F401  (BN and biases of torch models)
 
 # Tolerances, as max|ours - torch| / max|torch| over a whole tensor (npmnv3.rel_error).
 # float32: different summation orders (BLAS/oneDNN vs NumPy/Numba) over sums of up to a few
@@ -47,24 +48,6 @@ def require_torchvision():
             pytest.fail("torchvision is required for the reference tests when CI=true")
         pytest.skip("torchvision is not installed: reference tests skipped")
     return torchvision
-
-
-def randomise(torch, model, seed: int):
-    """Random BN weight/bias/running_mean/running_var/num_batches_tracked and nonzero biases
-    (SE convs, classifier, timm's conv_head): torchvision initialises all of them to 1/0, and
-    identity batch norm hides bugs. Works on torchvision and timm models."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(1 + 0.5 * torch.randn(c, generator=g))
-                m.bias.copy_(0.5 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.5 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-                m.num_batches_tracked.fill_(int(torch.randint(1, 10_000, (), generator=g)))
-            elif isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
 
 
 def randn(rng, shape, dtype, scale=1.0):

@@ -1,0 +1,167 @@
+"""Reference int8 models built with torchvision, and module-by-module comparison with ours.
+
+``torchvision_quantized(arch)`` builds torchvision's ``QuantizableMobileNetV3`` the way its
+quantized weights were made (``torchvision/models/quantization/mobilenetv3.py``:
+``fuse_model(is_qat=True)``, ``get_default_qat_qconfig(engine)``, ``prepare_qat``), randomises
+every batch norm (torchvision initialises them to the identity, which hides bugs), calibrates
+the observers on a few random batches in train mode and converts. ``numpy_state_dict`` turns
+its state_dict into what ``QuantizedMobileNetV3.load_state_dict`` takes (weights as ``QTensor``)
+without a file; ``compare_quantized`` runs both models and counts, per module, the output
+integers that differ and by how many steps.
+
+torch is imported only inside these functions; the rest of npmnv3 never imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+
+from ..nn.quantized import QTensor
+
+
+def randomise(torch, model, seed: int):
+    """Random BN weight/bias/running_mean/running_var/num_batches_tracked and nonzero biases
+    (SE convs, classifier, timm's conv_head): torchvision initialises all of them to 1/0, and
+    identity batch norm hides bugs. Works on torchvision and timm models (the tests use it)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(1 + 0.5 * torch.randn(c, generator=g))
+                m.bias.copy_(0.5 * torch.randn(c, generator=g))
+                m.running_mean.copy_(0.5 * torch.randn(c, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+                m.num_batches_tracked.fill_(int(torch.randint(1, 10_000, (), generator=g)))
+            elif isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+
+
+@contextlib.contextmanager
+def quantized_engine(name: str):
+    """Run the block with ``torch.backends.quantized.engine = name``, then restore it."""
+    import torch
+    old = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        with warnings.catch_warnings():          # torch.ao.quantization's deprecation notices
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            yield torch
+    finally:
+        torch.backends.quantized.engine = old
+
+
+def qat_prepared(arch="large", *, engine="qnnpack", width_mult=1.0, num_classes=1000,
+                 seed=0):
+    """torchvision's ``QuantizableMobileNetV3`` fused and QAT-prepared for ``engine``, with
+    randomised batch norms (train mode). Call inside ``quantized_engine(engine)``."""
+    import torch
+    from torchvision.models.mobilenetv3 import _mobilenet_v3_conf
+    from torchvision.models.quantization.mobilenetv3 import (
+        QuantizableInvertedResidual,
+        QuantizableMobileNetV3,
+        _replace_relu,
+    )
+    torch.manual_seed(seed)
+    setting, last = _mobilenet_v3_conf(f"mobilenet_v3_{arch}", width_mult=width_mult)
+    model = QuantizableMobileNetV3(setting, last, block=QuantizableInvertedResidual,
+                                   num_classes=num_classes)
+    _replace_relu(model)
+    randomise(torch, model, seed)
+    model.fuse_model(is_qat=True)
+    model.qconfig = torch.ao.quantization.get_default_qat_qconfig(engine)
+    torch.ao.quantization.prepare_qat(model, inplace=True)
+    return model.train()
+
+
+def torchvision_quantized(arch="large", *, engine="qnnpack", width_mult=1.0, num_classes=1000,
+                          image_size=64, batches=3, batch_size=4, seed=0):
+    """A converted torchvision quantized MobileNetV3 (eval mode), calibrated for ``engine`` on
+    ``batches`` random batches (QAT train-mode forwards: observers and fake quantization)."""
+    with quantized_engine(engine) as torch:
+        model = qat_prepared(arch, engine=engine, width_mult=width_mult,
+                             num_classes=num_classes, seed=seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for _ in range(batches):
+                model(torch.randn(batch_size, 3, image_size, image_size, generator=g))
+        model.eval()
+        torch.ao.quantization.convert(model, inplace=True)
+    return model
+
+
+def _numpy_value(v):
+    import torch
+    if isinstance(v, torch.Tensor) and v.is_quantized:
+        if v.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            return QTensor(v.int_repr().numpy(), v.q_per_channel_scales().numpy().astype(
+                np.float32), v.q_per_channel_zero_points().numpy(), v.q_per_channel_axis())
+        return QTensor(v.int_repr().numpy(), v.q_scale(), v.q_zero_point())
+    if isinstance(v, torch.Tensor):
+        return v.detach().numpy().copy()
+    if isinstance(v, tuple):
+        return tuple(_numpy_value(t) for t in v)
+    return str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v
+
+
+def numpy_state_dict(sd) -> dict:
+    """A torch quantized state_dict in memory -> ``{key: QTensor | ndarray | tuple | str}``."""
+    return {k: _numpy_value(v) for k, v in sd.items()}
+
+
+def torch_quantized_outputs(model, x, engine="qnnpack"):
+    """``(logits, {module name: QTensor})`` of a converted torch model on numpy ``x``; the
+    ``FloatFunctional`` outputs (``skip_add``, ``skip_mul``) are named after the module, not
+    its ``activation_post_process``."""
+    outs, hooks = {}, []
+
+    def hook(name):
+        def save(_m, _inputs, out):
+            if getattr(out, "is_quantized", False):
+                outs[name.replace(".activation_post_process", "")] = QTensor(
+                    out.int_repr().numpy().copy(), out.q_scale(), out.q_zero_point())
+        return save
+
+    with quantized_engine(engine) as torch:
+        try:
+            for name, mod in model.named_modules():
+                if name:
+                    hooks.append(mod.register_forward_hook(hook(name)))
+            with torch.no_grad():
+                logits = model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+        finally:
+            for h in hooks:
+                h.remove()
+    return logits, outs
+
+
+class QCompareRow(NamedTuple):
+    name: str
+    shape: tuple
+    differing: int          # output integers that differ from torch's
+    max_step: int           # largest difference, in quantization steps
+    same_qparams: bool      # equal scale and zero point
+
+
+def compare_quantized(ours, model, x, engine="qnnpack"):
+    """``(rows, logits_ours, logits_torch)``: one ``QCompareRow`` per module torch reports, in
+    the order of ``ours.module_names()``."""
+    ref_logits, ref = torch_quantized_outputs(model, x, engine)
+    logits, mine = ours.forward_intermediates(x)
+    rows = []
+    for name in ours.module_names():
+        if name not in ref:
+            continue
+        r, m = ref[name], mine.get(name)
+        if m is None or m.shape != r.shape:
+            rows.append(QCompareRow(name, r.shape, r.int_repr.size, 255, False))
+            continue
+        d = np.abs(m.int_repr.astype(np.int64) - r.int_repr.astype(np.int64))
+        rows.append(QCompareRow(name, r.shape, int(np.count_nonzero(d)), int(d.max(initial=0)),
+                                (m.scale, m.zero_point) == (r.scale, r.zero_point)))
+    return rows, logits, ref_logits

@@ -1,0 +1,81 @@
+"""The int8 model against torchvision's quantized MobileNetV3 on the qnnpack engine.
+
+The reference models are built by the tests with torchvision (``npmnv3.tools.qcompare``):
+QAT-prepared, batch norms randomised, observers calibrated on a few batches, converted. Every
+module's output integers, scale and zero point must equal torch's, and so must the logits
+(dequantized with the same float32 formula): the arithmetic is the same, so no step of
+difference is allowed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import npmnv3
+from npmnv3.tools.qcompare import compare_quantized, numpy_state_dict, torchvision_quantized
+from tests.support import require_torchvision
+
+BUILDERS = {"large": npmnv3.quantized_mobilenet_v3_large,
+            "small": npmnv3.quantized_mobilenet_v3_small}
+
+
+@pytest.fixture(scope="module", params=[("small", 1.0, 10), ("large", 1.0, 1000)],
+                ids=["small-10", "large-1000"])
+def reference(request):
+    require_torchvision()
+    arch, width, classes = request.param
+    model = torchvision_quantized(arch, engine="qnnpack", width_mult=width, num_classes=classes,
+                                  image_size=64, seed=3)
+    ours = BUILDERS[arch](num_classes=classes, width_mult=width)
+    ours.load_state_dict(numpy_state_dict(model.state_dict()))
+    return model, ours
+
+
+def test_every_module_equals_torch_qnnpack(reference):
+    model, ours = reference
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 48)).astype(np.float32)
+    rows, logits, ref_logits = compare_quantized(ours, model, x, engine="qnnpack")
+    names = {r.name for r in rows}
+    missing = [n for n in ours.module_names() if n not in names]
+    assert not missing, f"torch reported no output for {missing[:5]}"
+    bad = [r for r in rows if r.differing or not r.same_qparams]
+    total = sum(int(np.prod(r.shape)) for r in rows)
+    assert not bad, (f"{len(bad)} modules differ from torch ({sum(r.differing for r in bad)} of "
+                     f"{total} integers; first {bad[0]})")
+    np.testing.assert_array_equal(logits, ref_logits, err_msg="dequantized logits")
+
+
+def test_state_dict_round_trip_and_keys(reference):
+    model, ours = reference
+    sd = ours.state_dict()
+    assert list(sd) == list(model.state_dict()), "keys or their order differ from torchvision's"
+    again = BUILDERS[ours.arch["arch"]](num_classes=ours.spec.num_classes).load_state_dict(sd)
+    x = np.random.default_rng(1).standard_normal((1, 3, 40, 40)).astype(np.float32)
+    np.testing.assert_array_equal(again(x), ours(x))
+
+
+def test_naive_kernels_give_the_same_network():
+    require_torchvision()
+    model = torchvision_quantized("small", width_mult=0.5, num_classes=10, image_size=32, seed=5)
+    ours = npmnv3.quantized_mobilenet_v3_small(num_classes=10, width_mult=0.5)
+    ours.load_state_dict(numpy_state_dict(model.state_dict()))
+    x = np.random.default_rng(2).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    fast = ours.forward_intermediates(x)[1]
+    ours.impl = "naive"
+    naive = ours.forward_intermediates(x)[1]
+    for name, q in fast.items():
+        np.testing.assert_array_equal(naive[name].int_repr, q.int_repr, err_msg=name)
+
+
+def test_wrong_checkpoints_are_named():
+    ours = npmnv3.quantized_mobilenet_v3_small(num_classes=10)
+    float_sd = npmnv3.mobilenet_v3_small(num_classes=10).state_dict()
+    with pytest.raises(ValueError, match="float MobileNetV3 state_dict"):
+        ours.load_state_dict(float_sd)
+    with pytest.raises(ValueError, match="QAT"):
+        ours.load_state_dict({"features.0.0.weight_fake_quant.scale": np.ones(1)})
+    with pytest.raises(ValueError, match="missing"):
+        ours.load_state_dict({"quant.scale": np.ones(1)})
+    with pytest.raises(ValueError, match="no weights"):
+        ours(np.zeros((1, 3, 32, 32), np.float32))
