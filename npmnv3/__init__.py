@@ -61,5 +61,7 @@ from .nn.quantized import (  # noqa: E402
     quantized_mobilenet_v3_small,
 )
 
+from .nn.ptq import quantize  # noqa: E402
+
 __all__ += ["QTensor", "QuantizedMobileNetV3", "quantized_mobilenet_v3_large",
-            "quantized_mobilenet_v3_small"]
+            "quantized_mobilenet_v3_small", "quantize"]
