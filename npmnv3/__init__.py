@@ -54,14 +54,13 @@ from .train.loop import ArrayDataset, ImageFolder, fit, load_checkpoint  # noqa:
 
 __all__ += ["ArrayDataset", "ImageFolder", "fit", "load_checkpoint"]
 
+from .nn.ptq import quantize  # noqa: E402
 from .nn.quantized import (  # noqa: E402
     QTensor,
     QuantizedMobileNetV3,
     quantized_mobilenet_v3_large,
     quantized_mobilenet_v3_small,
 )
-
-from .nn.ptq import quantize  # noqa: E402
 
 __all__ += ["QTensor", "QuantizedMobileNetV3", "quantized_mobilenet_v3_large",
             "quantized_mobilenet_v3_small", "quantize"]

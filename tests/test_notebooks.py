@@ -27,7 +27,10 @@ import pytest
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
 EXPECTED = ("01_building_blocks", "02_inverted_residual", "03_the_network",
-            "04_compare_with_torchvision", "05_training", "06_pretrained_inference")
+            "04_compare_with_torchvision", "05_training", "06_pretrained_inference",
+            "08_int8_quantization")
+SOLUTIONS = NOTEBOOKS / "solutions"           # <stem>.py: "# %% Exercise N" blocks
+EXERCISE = re.compile(r"^#+\s*Exercise\s+(\d+)", re.MULTILINE)
 CELL_TIMEOUT = 300          # seconds per cell (nbclient's timeout)
 BUDGET = 120.0              # seconds of wall time per notebook, kernel start included
 MAX_BYTES = 1_000_000       # per file on disk: commit with outputs cleared or small
@@ -131,3 +134,46 @@ def test_notebook_runs_within_budget(path, tmp_path):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
     assert not errors, f"{path.name}: error outputs {errors}"
+
+
+def _solution_blocks(path: Path) -> dict[int, str]:
+    text = path.read_text(encoding="utf-8")
+    parts = re.split(r"^# %% Exercise (\d+)[^\n]*\n", text, flags=re.MULTILINE)
+    return {int(n): body.strip() for n, body in zip(parts[1::2], parts[2::2])}
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if (SOLUTIONS / f"{p.stem}.py").exists()],
+                         ids=lambda p: p.stem)
+def test_exercise_solutions_pass_their_checks(path, tmp_path):
+    """Every "Exercise N" heading is followed by an exercise cell and a check cell; the
+    solutions replace the exercise cells and, run after the first code cell, every check must
+    report "Exercise N: correct" (the plain notebook, run above, reports "not attempted")."""
+    nbformat = _require("nbformat")
+    nbclient = _require("nbclient")
+    _require("ipykernel")
+    nb = nbformat.read(path, as_version=4)
+    solutions = _solution_blocks(SOLUTIONS / f"{path.stem}.py")
+    first = next(c for c in nb.cells if c.cell_type == "code")
+    cells, found = [first], []
+    for i, cell in enumerate(nb.cells):
+        m = EXERCISE.search(cell.source) if cell.cell_type == "markdown" else None
+        if m is None:
+            continue
+        n = int(m.group(1))
+        exercise, check = nb.cells[i + 1], nb.cells[i + 2]
+        assert exercise.cell_type == check.cell_type == "code", f"Exercise {n}: two code cells"
+        assert "NotImplementedError" in exercise.source, f"Exercise {n}: not a stub"
+        assert n in solutions, f"no solution for Exercise {n} in {SOLUTIONS / path.stem}.py"
+        cells += [nbformat.v4.new_code_cell(solutions[n]), check]
+        found.append(n)
+    assert 2 <= len(found) <= 4 and sorted(solutions) == sorted(found), (found, sorted(solutions))
+    nb.cells = cells
+    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    try:
+        client.execute()
+    except nbclient.exceptions.CellExecutionError as e:
+        pytest.fail(f"{path.name} with its solutions failed:\n{e}", pytrace=False)
+    printed = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    for n in found:
+        assert f"Exercise {n}: correct" in printed, f"Exercise {n}: the check did not pass"

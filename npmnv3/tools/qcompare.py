@@ -150,11 +150,12 @@ class QCompareRow(NamedTuple):
 
 def compare_quantized(ours, model, x, engine="qnnpack"):
     """``(rows, logits_ours, logits_torch)``: one ``QCompareRow`` per module torch reports, in
-    the order of ``ours.module_names()``."""
+    the order our forward produced them (so the first differing row is where they part)."""
     ref_logits, ref = torch_quantized_outputs(model, x, engine)
     logits, mine = ours.forward_intermediates(x)
+    order = list(mine) + [n for n in ref if n not in mine]
     rows = []
-    for name in ours.module_names():
+    for name in order:
         if name not in ref:
             continue
         r, m = ref[name], mine.get(name)
@@ -165,3 +166,104 @@ def compare_quantized(ours, model, x, engine="qnnpack"):
         rows.append(QCompareRow(name, r.shape, int(np.count_nonzero(d)), int(d.max(initial=0)),
                                 (m.scale, m.zero_point) == (r.scale, r.zero_point)))
     return rows, logits, ref_logits
+
+
+class OpRow(NamedTuple):
+    name: str
+    kind: str               # quantize, conv, depthwise, pointwise, linear, hardswish, ...
+    elements: int
+    differing: int          # our kernel on torch's inputs vs torch's output
+    max_step: int
+
+
+def _kernel_on(mod, inputs, kind):
+    """Our kernel for torch module ``mod`` applied to torch's (quantized) inputs."""
+    from .. import kernels as K
+
+    def q(t):
+        return t.int_repr().numpy(), t.q_scale(), t.q_zero_point()
+
+    if kind == "quantize":
+        return K.quantize_per_tensor(inputs[0].numpy(), float(mod.scale), int(mod.zero_point))
+    if kind in ("add", "mul"):
+        f = K.qadd if kind == "add" else K.qmul
+        return f(*q(inputs[0]), *q(inputs[1]), mod.scale, mod.zero_point)
+    if kind == "hardswish":
+        return K.qhardswish(*q(inputs[0]), mod.scale, mod.zero_point)
+    if kind == "hardsigmoid":
+        return K.qhardsigmoid(*q(inputs[0]))
+    if kind == "avgpool":
+        return K.qadaptive_avgpool2d(*q(inputs[0]))
+    w, b = mod._weight_bias()
+    import torch
+    if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        sw, zw = w.q_per_channel_scales().numpy().astype(np.float32), \
+            w.q_per_channel_zero_points().numpy()
+    else:
+        sw, zw = w.q_scale(), w.q_zero_point()
+    relu = type(mod).__name__.endswith("ReLU2d")
+    args = (*q(inputs[0]), w.int_repr().numpy(), sw, zw,
+            None if b is None else b.detach().numpy(), mod.scale, mod.zero_point)
+    if kind == "linear":
+        return K.qlinear(*args, relu=relu)
+    return K.qconv2d(*args, stride=mod.stride[0], padding=mod.padding[0],
+                     dilation=mod.dilation[0], groups=mod.groups, relu=relu)
+
+
+def _op_kind(mod):
+    t = type(mod).__name__
+    if t == "Quantize":
+        return "quantize"
+    if t in ("QuantizedConv2d", "QuantizedConvReLU2d", "Conv2d", "ConvReLU2d"):
+        if mod.groups > 1:
+            return "depthwise"
+        return "pointwise" if mod.kernel_size == (1, 1) else "conv"
+    return {"QuantizedLinear": "linear", "Linear": "linear", "QuantizedHardswish": "hardswish",
+            "Hardswish": "hardswish", "Hardsigmoid": "hardsigmoid",
+            "AdaptiveAvgPool2d": "avgpool"}.get(t)
+
+
+def op_differences(model, x, engine="qnnpack"):
+    """One ``OpRow`` per operation of a converted torch model: our kernel is fed the very
+    inputs torch's op received, so each row measures that op alone (no propagated error)."""
+    records = []
+
+    def hook(name, kind):
+        def save(mod, inputs, out):
+            records.append((name, kind, mod, inputs, out))
+        return save
+
+    def recording(name, kind, mod):
+        f = getattr(mod, kind)                   # FloatFunctional.add / .mul: not a forward
+
+        def wrapped(a, b):
+            out = f(a, b)
+            records.append((name, kind, mod, (a, b), out))
+            return out
+        return wrapped
+
+    hooks, patched = [], []
+    with quantized_engine(engine) as torch:
+        for name, mod in model.named_modules():
+            kind = _op_kind(mod)
+            if kind is not None:
+                hooks.append(mod.register_forward_hook(hook(name, kind)))
+            if type(mod).__name__ == "QFunctional":
+                for kind in ("add", "mul"):
+                    setattr(mod, kind, recording(name, kind, mod))
+                    patched.append((mod, kind))
+        try:
+            with torch.no_grad():
+                model(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+            rows = []
+            for name, kind, mod, inputs, out in records:
+                ours = _kernel_on(mod, inputs, kind)
+                d = np.abs(ours.astype(np.int64) - out.int_repr().numpy().astype(np.int64))
+                rows.append(OpRow(name, kind, d.size, int(np.count_nonzero(d)),
+                                  int(d.max(initial=0))))
+        finally:
+            for h in hooks:
+                h.remove()
+            for mod, kind in patched:
+                delattr(mod, kind)               # back to the class's method
+    return rows
