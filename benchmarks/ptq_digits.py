@@ -69,7 +69,7 @@ def main(argv=None):
         xt, yt = map(np.concatenate, zip(*test.batches(128)))
 
     acc_f, pred_f = accuracy(model, xt, yt)
-    print(f"# digits, MobileNetV3-Small width {model.arch.get('width_mult')}, input "
+    print(f"# digits, MobileNetV3-Small width {model.config.width_mult}, input "
           f"{args.input_size}: {len(xc)} calibration images (training split, no augmentation), "
           f"{len(xt)} held-out test images\n")
     print("| model | weights | observer | held-out accuracy | top-1 agrees with float |")

@@ -21,8 +21,8 @@ from npmnv3.nn.ptq import (
     layer_errors,
     symmetric_scales,
 )
-from npmnv3.tools.qcompare import compare_quantized, numpy_state_dict, quantized_engine, randomise
-from tests.support import RTOL32, require_torchvision
+from npmnv3.tools.qcompare import compare_quantized, numpy_state_dict, quantized_engine
+from tests.support import RTOL32, randomise, require_torchvision
 
 # Observed ranges come from two float32 forwards (torch's and ours) that differ by rounding,
 # ~1e-7 relative; RTOL32 (1e-5) leaves two decades of margin. Scales follow the ranges.

@@ -22,13 +22,17 @@ BUILDERS = {"large": npmnv3.quantized_mobilenet_v3_large,
 
 @pytest.fixture(scope="module", params=[("small", 1.0, 10), ("large", 1.0, 1000)],
                 ids=["small-10", "large-1000"])
-def reference(request):
+def reference(request, tmp_path_factory):
+    """torchvision's converted model, saved with torch.save and read back with load_pth."""
     require_torchvision()
+    import torch
     arch, width, classes = request.param
     model = torchvision_quantized(arch, engine="qnnpack", width_mult=width, num_classes=classes,
                                   image_size=64, seed=3)
+    path = tmp_path_factory.mktemp("q") / f"quantized_{arch}.pth"
+    torch.save(model.state_dict(), path)
     ours = BUILDERS[arch](num_classes=classes, width_mult=width)
-    ours.load_state_dict(numpy_state_dict(model.state_dict()))
+    ours.load_state_dict(npmnv3.load_pth(path))
     return model, ours
 
 
@@ -50,8 +54,16 @@ def test_state_dict_round_trip_and_keys(reference):
     model, ours = reference
     sd = ours.state_dict()
     assert list(sd) == list(model.state_dict()), "keys or their order differ from torchvision's"
-    again = BUILDERS[ours.arch["arch"]](num_classes=ours.spec.num_classes).load_state_dict(sd)
+    again = npmnv3.QuantizedMobileNetV3(ours.config).load_state_dict(sd)
     x = np.random.default_rng(1).standard_normal((1, 3, 40, 40)).astype(np.float32)
+    np.testing.assert_array_equal(again(x), ours(x))
+
+
+def test_in_memory_state_dict_reads_as_the_file_does(reference):
+    model, ours = reference
+    again = npmnv3.QuantizedMobileNetV3(ours.config).load_state_dict(
+        numpy_state_dict(model.state_dict()))
+    x = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
     np.testing.assert_array_equal(again(x), ours(x))
 
 

@@ -161,7 +161,7 @@ def quantize(model, calibration_images, *, observer="minmax", per_channel=True, 
                     averaging_constant=averaging_constant)
     folded = fold(model).folded                         # {ConvBNAct name: (W', b')}
     p = model.params
-    q = QuantizedMobileNetV3(model.spec, arch=getattr(model, "arch", None), impl=impl)
+    q = QuantizedMobileNetV3(model.config, impl=impl)
     for u in q.units:
         n = u.name
         if n in obs:

@@ -30,24 +30,14 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import kernels as K
-from .arch import NetSpec, preset_spec
+from ..io.pth import QTensor
+from .config import MobileNetV3Config
 from .modules import ConvBNAct, InvertedResidual, SqueezeExcite, build_modules
 
 
-class QTensor(NamedTuple):
-    """A quantized tensor: integers ``int_repr`` with ``scale`` and ``zero_point`` (scalars, or
-    arrays along ``axis`` for per-channel weights). Real value = scale * (int_repr - zero_point)."""
-    int_repr: np.ndarray
-    scale: float | np.ndarray
-    zero_point: int | np.ndarray
-    axis: int | None = None
-
-    @property
-    def shape(self):
-        return self.int_repr.shape
-
-    def dequantize(self) -> np.ndarray:
-        return K.dequantize(self.int_repr, self.scale, self.zero_point, axis=self.axis)
+def qact(q, scale, zero_point) -> QTensor:
+    """A quint8 activation: ``QTensor`` (the type ``npmnv3.load_pth`` returns), per tensor."""
+    return QTensor(q, float(scale), int(zero_point), None, "quint8")
 
 
 @dataclass(frozen=True)
@@ -125,8 +115,8 @@ def _qweight(key, v, shape):
         raise ValueError(f"{key}: expected a quantized (qint8) tensor, got {type(v).__name__}; "
                          f"this looks like a float checkpoint")
     q = np.asarray(v.int_repr)
-    if q.dtype != np.int8:
-        raise ValueError(f"{key}: weights must be qint8 (int8), got {q.dtype}")
+    if q.dtype != np.int8 or getattr(v, "dtype", "qint8") != "qint8":
+        raise ValueError(f"{key}: weights must be qint8, got {getattr(v, 'dtype', q.dtype)}")
     if q.shape != tuple(shape):
         raise ValueError(f"{key}: shape {q.shape} does not match the model's {tuple(shape)}")
     axis = getattr(v, "axis", None)
@@ -144,9 +134,11 @@ class QuantizedMobileNetV3:
     fill with ``load_state_dict`` (a converted torchvision state_dict, e.g. from
     ``npmnv3.load_pth``) or ``npmnv3.quantize`` (post-training quantization)."""
 
-    def __init__(self, spec: NetSpec, *, arch: dict | None = None, impl: str = "fast"):
-        self.spec, self.arch, self.impl = spec, dict(arch or {}), impl
-        self.features, self.head = build_modules(spec)
+    def __init__(self, config: MobileNetV3Config | None = None, *, impl: str = "fast"):
+        self.config = MobileNetV3Config() if config is None else MobileNetV3Config.from_dict(
+            config)
+        self.spec, self.impl = self.config.spec(), impl
+        self.features, self.head = build_modules(self.spec)
         self.units = quantized_units(self.features, self.head)
         self.convs: dict[str, QConv] = {}                   # module name -> weights
         self.qparams: dict[str, tuple[float, int]] = {}     # module name -> output (scale, zp)
@@ -210,13 +202,12 @@ class QuantizedMobileNetV3:
     def _qtensor(self, name):
         c = self.convs[name]
         if c.per_channel:
-            return QTensor(c.weight.copy(), c.w_scale.copy(), c.w_zero_point.copy(), 0)
-        return QTensor(c.weight.copy(), float(c.w_scale[0]), int(c.w_zero_point[0]))
+            return QTensor(c.weight.copy(), c.w_scale.astype(np.float64), c.w_zero_point.copy(),
+                           0, "qint8")
+        return QTensor(c.weight.copy(), float(c.w_scale[0]), int(c.w_zero_point[0]), None, "qint8")
 
     def _describe(self):
-        a = self.arch
-        return (f"quantized_mobilenet_v3_{a.get('arch', '?')}(num_classes="
-                f"{self.spec.num_classes}, width_mult={a.get('width_mult', 1.0)})")
+        return "quantized " + self.config.describe()
 
     def module_names(self) -> list[str]:
         """Every module of torchvision's converted model that produces an int8 output, as
@@ -257,12 +248,12 @@ class QuantizedMobileNetV3:
             raise ValueError(f"input must be a float array of shape (N, 3, H, W), got "
                              f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
         s, z = self.qparams["quant"]
-        y = self._rec(outs, "quant", QTensor(K.quantize_per_tensor(x, s, z), s, z))
+        y = self._rec(outs, "quant", qact(K.quantize_per_tensor(x, s, z), s, z))
         for m in self.features:
             y = self._module(m, y, outs)
         self._rec(outs, "features", y)
         pooled = self._rec(outs, "avgpool", self._pool(y))
-        h = QTensor(pooled.int_repr.reshape(pooled.shape[0], -1), pooled.scale, pooled.zero_point)
+        h = qact(pooled.int_repr.reshape(pooled.shape[0], -1), pooled.scale, pooled.zero_point)
         h = self._rec(outs, "classifier.0", self._conv("classifier.0", h))
         h = self._rec(outs, "classifier.1", self._hardswish("classifier.1", h))
         self._rec(outs, "classifier.2", h)                                   # dropout: identity
@@ -283,7 +274,7 @@ class QuantizedMobileNetV3:
             self._rec(outs, f"{m.name}.block", y)
             if m.spec.use_residual:                 # skip_add.add(x, block(x))
                 s, z = self.qparams[f"{m.name}.skip_add"]
-                y = QTensor(K.qadd(x.int_repr, x.scale, x.zero_point, y.int_repr, y.scale,
+                y = qact(K.qadd(x.int_repr, x.scale, x.zero_point, y.int_repr, y.scale,
                                    y.zero_point, s, z, impl=self.impl), s, z)
                 self._rec(outs, f"{m.name}.skip_add", y)
             return self._rec(outs, m.name, y)
@@ -305,9 +296,9 @@ class QuantizedMobileNetV3:
         g = self._rec(outs, f"{n}.fc2", self._conv(f"{n}.fc2", g))
         gate = K.qhardsigmoid(g.int_repr, g.scale, g.zero_point, impl=self.impl)
         g = self._rec(outs, f"{n}.scale_activation",
-                      QTensor(gate, K.HARDSIGMOID_SCALE, K.HARDSIGMOID_ZERO_POINT))
+                      qact(gate, K.HARDSIGMOID_SCALE, K.HARDSIGMOID_ZERO_POINT))
         s, z = self.qparams[f"{n}.skip_mul"]                                 # mul(gate, input)
-        y = QTensor(K.qmul(g.int_repr, g.scale, g.zero_point, x.int_repr, x.scale, x.zero_point,
+        y = qact(K.qmul(g.int_repr, g.scale, g.zero_point, x.int_repr, x.scale, x.zero_point,
                            s, z, impl=self.impl), s, z)
         self._rec(outs, f"{n}.skip_mul", y)
         return self._rec(outs, n, y)
@@ -318,18 +309,18 @@ class QuantizedMobileNetV3:
         args = (x.int_repr, x.scale, x.zero_point, c.weight, c.w_scale, c.w_zero_point, c.bias,
                 s, z)
         if c.weight.ndim == 2:
-            return QTensor(K.qlinear(*args, relu=relu, impl=self.impl), s, z)
+            return qact(K.qlinear(*args, relu=relu, impl=self.impl), s, z)
         geo = dict(stride=m.stride, padding=m.padding, dilation=m.dilation,
                    groups=m.groups) if m is not None else {}
-        return QTensor(K.qconv2d(*args, relu=relu, impl=self.impl, **geo), s, z)
+        return qact(K.qconv2d(*args, relu=relu, impl=self.impl, **geo), s, z)
 
     def _hardswish(self, name, x):
         s, z = self.qparams[name]
-        return QTensor(K.qhardswish(x.int_repr, x.scale, x.zero_point, s, z, impl=self.impl), s, z)
+        return qact(K.qhardswish(x.int_repr, x.scale, x.zero_point, s, z, impl=self.impl), s, z)
 
     def _pool(self, x):
         q = K.qadaptive_avgpool2d(x.int_repr, x.scale, x.zero_point, impl=self.impl)
-        return QTensor(q, x.scale, x.zero_point)
+        return qact(q, x.scale, x.zero_point)
 
 
 def _refuse_other_formats(sd):
@@ -349,11 +340,8 @@ def _refuse_other_formats(sd):
 
 def _build(arch, *, num_classes=1000, width_mult=1.0, reduced_tail=False, dilated=False,
            impl="fast"):
-    spec = preset_spec(arch, width_mult=width_mult, reduced_tail=reduced_tail, dilated=dilated,
-                       num_classes=num_classes)
-    meta = {"arch": arch, "num_classes": num_classes, "width_mult": width_mult,
-            "reduced_tail": reduced_tail, "dilated": dilated}
-    return QuantizedMobileNetV3(spec, arch=meta, impl=impl)
+    config = MobileNetV3Config(arch, width_mult, reduced_tail, dilated, num_classes)
+    return QuantizedMobileNetV3(config, impl=impl)
 
 
 def quantized_mobilenet_v3_large(*, num_classes=1000, width_mult=1.0, reduced_tail=False,

@@ -5,9 +5,9 @@ quantized weights were made (``torchvision/models/quantization/mobilenetv3.py``:
 ``fuse_model(is_qat=True)``, ``get_default_qat_qconfig(engine)``, ``prepare_qat``), randomises
 every batch norm (torchvision initialises them to the identity, which hides bugs), calibrates
 the observers on a few random batches in train mode and converts. ``numpy_state_dict`` turns
-its state_dict into what ``QuantizedMobileNetV3.load_state_dict`` takes (weights as ``QTensor``)
-without a file; ``compare_quantized`` runs both models and counts, per module, the output
-integers that differ and by how many steps.
+its state_dict into what ``npmnv3.load_pth`` returns for the saved file (weights as
+``QTensor``) without writing one; ``compare_quantized`` runs both models and counts, per
+module, the output integers that differ and by how many steps.
 
 torch is imported only inside these functions; the rest of npmnv3 never imports it.
 """
@@ -20,23 +20,22 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..nn.quantized import QTensor
+from ..io.pth import QTensor
 
 
-def randomise(torch, model, seed: int):
-    """Random BN weight/bias/running_mean/running_var/num_batches_tracked and nonzero biases
-    (SE convs, classifier, timm's conv_head): torchvision initialises all of them to 1/0, and
-    identity batch norm hides bugs. Works on torchvision and timm models (the tests use it)."""
+def _randomise_batchnorm(torch, model, seed: int):
+    """Random BN weights, biases and running statistics (well conditioned: weights 0.5..1.5,
+    variances 0.5..2) and nonzero conv/linear biases, as ``tests/support.randomise`` sets them:
+    torchvision initialises them to 1 / 0, and identity batch norm hides bugs."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 c = m.num_features
-                m.weight.copy_(1 + 0.5 * torch.randn(c, generator=g))
-                m.bias.copy_(0.5 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.5 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-                m.num_batches_tracked.fill_(int(torch.randint(1, 10_000, (), generator=g)))
+                m.weight.copy_(0.5 + torch.rand(c, generator=g))
+                m.bias.copy_(0.2 * torch.randn(c, generator=g))
+                m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
+                m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=g))
             elif isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
                 m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
 
@@ -72,7 +71,7 @@ def qat_prepared(arch="large", *, engine="qnnpack", width_mult=1.0, num_classes=
     model = QuantizableMobileNetV3(setting, last, block=QuantizableInvertedResidual,
                                    num_classes=num_classes)
     _replace_relu(model)
-    randomise(torch, model, seed)
+    _randomise_batchnorm(torch, model, seed)
     model.fuse_model(is_qat=True)
     model.qconfig = torch.ao.quantization.get_default_qat_qconfig(engine)
     torch.ao.quantization.prepare_qat(model, inplace=True)
@@ -99,9 +98,11 @@ def _numpy_value(v):
     import torch
     if isinstance(v, torch.Tensor) and v.is_quantized:
         if v.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-            return QTensor(v.int_repr().numpy(), v.q_per_channel_scales().numpy().astype(
-                np.float32), v.q_per_channel_zero_points().numpy(), v.q_per_channel_axis())
-        return QTensor(v.int_repr().numpy(), v.q_scale(), v.q_zero_point())
+            return QTensor(v.int_repr().numpy(), v.q_per_channel_scales().numpy(),
+                           v.q_per_channel_zero_points().numpy(), v.q_per_channel_axis(),
+                           str(v.dtype).replace("torch.", ""))
+        return QTensor(v.int_repr().numpy(), v.q_scale(), v.q_zero_point(), None,
+                       str(v.dtype).replace("torch.", ""))
     if isinstance(v, torch.Tensor):
         return v.detach().numpy().copy()
     if isinstance(v, tuple):
@@ -124,7 +125,8 @@ def torch_quantized_outputs(model, x, engine="qnnpack"):
         def save(_m, _inputs, out):
             if getattr(out, "is_quantized", False):
                 outs[name.replace(".activation_post_process", "")] = QTensor(
-                    out.int_repr().numpy().copy(), out.q_scale(), out.q_zero_point())
+                    out.int_repr().numpy().copy(), out.q_scale(), out.q_zero_point(), None,
+                    "quint8")
         return save
 
     with quantized_engine(engine) as torch:
