@@ -146,6 +146,20 @@ def test_qconv2d_float64_gemm_when_float32_is_not_exact(torch_qnnpack):
         ours = K.qconv2d(qx, 0.5, 0, qw.int_repr().numpy(), qw.q_scale(), 0, None, 300.0, 128,
                          impl=impl)
         assert_same(f"qconv2d {impl} wide sums", ours, ref)
+    # depthwise: 23 x 23 taps of 255 * 127 pass 2**24 as well (3x3 and 5x5 never do)
+    k = 23
+    wd = np.where(rng.random((2, 1, k, k)) < 0.5, -1.0, 1.0).astype(np.float32)
+    qwd = torch.quantize_per_tensor(torch.from_numpy(wd), 1 / 127, 0, torch.qint8)
+    xd = np.where(rng.random((1, 2, k, k)) < 0.5, 0, 255).astype(np.uint8)
+    assert k * k * 255 * 127 > FLOAT32_EXACT
+    mod = nnq.Conv2d(2, 2, k, groups=2)
+    mod.set_weight_bias(qwd, None)
+    mod.scale, mod.zero_point = 300.0, 128
+    ref = mod(tq(torch, xd, 0.5, 0)).int_repr().numpy()
+    for impl in IMPLS:
+        ours = K.qconv2d(xd, 0.5, 0, qwd.int_repr().numpy(), qwd.q_scale(), 0, None, 300.0, 128,
+                         groups=2, impl=impl)
+        assert_same(f"depthwise {impl} wide sums", ours, ref)
 
 
 def test_qlinear_matches_torch(torch_qnnpack):

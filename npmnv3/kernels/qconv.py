@@ -20,15 +20,16 @@ Only the requantization uses floats; this is exactly what torch's qnnpack engine
 Fast versions: 1x1 and general convolutions run the integer sums through a float BLAS GEMM,
 which is exact while every partial sum is an integer below 2**24 in float32 (2**53 in float64):
 ``_gemm_dtype`` checks the bound max_k sum_c |q_w - z_w| * max |q_x - z_x| per call and picks
-float32 or float64. Depthwise runs an int32 Numba loop.
+float32 or float64. Depthwise sums at most kH*kW products (25 * 255 * 128 < 2**24 for k = 5),
+so npmnv3's float32 depthwise kernel is exact too (float64 past that bound).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
 
 from ._checks import check_conv_geometry, check_positive_int, choose_impl
+from .depthwise import depthwise_forward_fast
 from .quantize import quantize_bias, requant_multipliers, requantize_fast, requantize_naive
 
 FLOAT32_EXACT = 2 ** 24     # every integer of magnitude <= 2**24 is exact in float32
@@ -119,30 +120,6 @@ def _im2col(x, kH, kW, Ho, Wo, s, p, d):
     return win.reshape(N, C * kH * kW, Ho * Wo)                         # (N, C*kH*kW, L) copy
 
 
-def _qdw_loops(x, w, s, p, d, Ho, Wo, acc):
-    """acc[n, c, i, j] = sum_{u, v} x[n, c, i*s + u*d - p, j*s + v*d - p] * w[c, u, v] (int32);
-    x is q_x - z_x (so out-of-range taps, the padding, add 0)."""
-    N, C, H, W = x.shape
-    kH, kW = w.shape[1], w.shape[2]
-    for nc in prange(N * C):
-        n, c = nc // C, nc % C
-        for i in range(Ho):
-            for j in range(Wo):
-                a = np.int32(0)
-                for u in range(kH):
-                    r = i * s + u * d - p
-                    if r < 0 or r >= H:
-                        continue
-                    for v in range(kW):
-                        q = j * s + v * d - p
-                        if 0 <= q < W:
-                            a += np.int32(x[n, c, r, q]) * np.int32(w[c, u, v])
-                acc[n, c, i, j] = a
-
-
-_qdw = njit(cache=True, parallel=True)(_qdw_loops)
-
-
 def qconv2d_fast(qx, x_scale, x_zp, qw, w_scale, w_zp, bias, out_scale, out_zp, *, stride=1,
                  padding=0, dilation=1, groups=1, relu=False):
     """Same contract as ``qconv2d_naive``: GEMM (1x1, general) or Numba (depthwise) sums."""
@@ -153,8 +130,12 @@ def qconv2d_fast(qx, x_scale, x_zp, qw, w_scale, w_zp, bias, out_scale, out_zp, 
     x, xmax = _centered(qx, x_zp)
     wm = qw.astype(np.int16) - zw.astype(np.int16)[:, None, None, None]  # (K, Cg, kH, kW)
     if groups == C == K and groups > 1:                                   # depthwise
-        acc = np.empty((N, K, Ho, Wo), np.int32)
-        _qdw(x, np.ascontiguousarray(wm[:, 0]), stride, padding, dilation, Ho, Wo, acc)
+        # at most kH*kW products per sum (k <= 5: 25 * 255 * 128 < 2**24): float32 is exact;
+        # float64 for anything wider
+        t = np.float32 if kH * kW * xmax * int(np.abs(wm).max(initial=0)) <= FLOAT32_EXACT \
+            else np.float64
+        acc, _ = depthwise_forward_fast(x.astype(t), wm.astype(t), stride=stride,
+                                        padding=padding, dilation=dilation)
     else:
         if kH == kW == 1 and stride == 1 and padding == 0:
             cols = x.reshape(N, C, -1)                                    # (N, C, H*W)
