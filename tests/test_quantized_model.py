@@ -91,3 +91,47 @@ def test_wrong_checkpoints_are_named():
         ours.load_state_dict({"quant.scale": np.ones(1)})
     with pytest.raises(ValueError, match="no weights"):
         ours(np.zeros((1, 3, 32, 32), np.float32))
+
+
+@pytest.mark.parametrize("engine,observing", [("qnnpack", True), ("qnnpack", False),
+                                              ("fbgemm", True)])
+def test_qat_checkpoint_converts_as_torch_converts(engine, observing, tmp_path):
+    """A QAT-prepared state_dict (the format of torchvision's published quantized weights),
+    saved and read back, converted by npmnv3 and by torch.ao.quantization.convert: the same
+    qparams and integer weights; on qnnpack the same integers everywhere."""
+    require_torchvision()
+    import torch
+
+    from npmnv3.nn.qat import from_qat_state_dict
+    from npmnv3.tools.qcompare import qat_prepared, quantized_engine
+    kw = dict(engine=engine, width_mult=0.5, num_classes=10, seed=2)
+    with quantized_engine(engine):
+        m = qat_prepared("small", **kw)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for _ in range(2):
+                m(torch.randn(2, 3, 48, 48, generator=g))
+        if not observing:                 # torchvision's recipe stops the observers late on
+            m.apply(torch.ao.quantization.disable_observer)
+        path = tmp_path / "qat.pth"
+        torch.save(m.state_dict(), path)
+        ref = qat_prepared("small", **kw)
+        ref.load_state_dict(torch.load(path))
+        torch.ao.quantization.convert(ref, inplace=True)      # in train mode, as torchvision
+        ref.eval()
+    ours = from_qat_state_dict(npmnv3.load_pth(path), reduce_range=engine != "qnnpack")
+    assert ours.config == npmnv3.MobileNetV3Config("small", 0.5, num_classes=10)
+    want = npmnv3.QuantizedMobileNetV3(ours.config).load_state_dict(
+        numpy_state_dict(ref.state_dict()))
+    assert ours.qparams == want.qparams
+    for name, c in want.convs.items():
+        np.testing.assert_array_equal(ours.convs[name].weight, c.weight, err_msg=name)
+        np.testing.assert_array_equal(ours.convs[name].w_scale, c.w_scale, err_msg=name)
+        np.testing.assert_array_equal(ours.convs[name].bias, c.bias, err_msg=name)
+    if engine == "qnnpack":
+        x = np.random.default_rng(4).standard_normal((1, 3, 48, 48)).astype(np.float32)
+        rows, logits, ref_logits = compare_quantized(ours, ref, x)
+        assert not [r for r in rows if r.differing], "integers differ from torch's"
+        np.testing.assert_array_equal(logits, ref_logits)
+    with pytest.raises(ValueError, match="QAT"):
+        npmnv3.QuantizedMobileNetV3(ours.config).load_state_dict(npmnv3.load_pth(path))

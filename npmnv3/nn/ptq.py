@@ -33,11 +33,11 @@ from .quantized import QConv, QuantizedMobileNetV3
 F32_EPS = np.float32(np.finfo(np.float32).eps)     # torch observers' eps
 
 
-def affine_qparams(min_val, max_val, qmin=0, qmax=255):
+def affine_qparams(min_val, max_val, qmin=0, qmax=255, eps=F32_EPS):
     """(scale, zero_point) of an asymmetric (affine) range, torch's float32 arithmetic."""
     lo = np.minimum(np.float32(min_val), np.float32(0))
     hi = np.maximum(np.float32(max_val), np.float32(0))
-    scale = np.maximum((hi - lo) / np.float32(qmax - qmin), F32_EPS)
+    scale = np.maximum((hi - lo) / np.float32(qmax - qmin), np.float32(eps))
     zp = np.clip(qmin - np.rint(lo / scale).astype(np.int64), qmin, qmax)
     return float(scale), int(zp)
 

@@ -328,7 +328,7 @@ def _refuse_other_formats(sd):
     if any("weight_fake_quant" in k or "activation_post_process" in k for k in keys):
         raise ValueError("this is a quantization-aware-training (QAT-prepared) state_dict "
                          "(fake-quant and observer entries), not a converted quantized one; "
-                         "convert it with npmnv3.nn.quantized.from_qat_state_dict")
+                         "convert it with npmnv3.nn.qat.from_qat_state_dict(sd)")
     if any(k.endswith(".running_mean") for k in keys):
         raise ValueError("this is a float MobileNetV3 state_dict (batch-norm statistics, float "
                          "weights), not a quantized one: load it with npmnv3.mobilenet_v3_large/"
