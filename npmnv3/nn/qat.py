@@ -85,15 +85,37 @@ def _activation_qparams(sd, name, qmax):
     return affine_qparams(lo, hi, 0, qmax, eps=eps)
 
 
-def _infer_config(sd) -> MobileNetV3Config:
-    """The known variant whose conv / linear weight shapes are the state_dict's."""
-    n = int(np.shape(sd["classifier.3.weight"])[0])
-    for config in known_variants(n):
+def _shape(v):
+    return tuple(v.shape) if hasattr(v, "shape") else tuple(np.shape(v))
+
+
+def infer_config(sd) -> MobileNetV3Config:
+    """The known variant whose conv / linear weight shapes a QAT or converted quantized
+    state_dict has (converted: weights are ``QTensor``, linears packed as (weight, bias))."""
+    def weight(k):
+        if k in sd:
+            return sd[k]
+        packed = sd.get(k.replace(".weight", "._packed_params._packed_params"))
+        return packed[0] if isinstance(packed, (tuple, list)) else None
+
+    w3 = weight("classifier.3.weight")
+    if w3 is None:
+        raise ValueError("not a MobileNetV3 state_dict: no classifier.3 weight")
+    for config in known_variants(_shape(w3)[0]):
         want = [(k, s) for k, s, kind in config.layout() if kind == "param" and (
             k.endswith(".0.weight") or ".fc" in k and k.endswith("weight"))]
-        if all(k in sd and tuple(np.shape(sd[k])) == tuple(s) for k, s in want):
+        if all(weight(k) is not None and _shape(weight(k)) == tuple(s) for k, s in want):
             return config
-    raise ValueError("the QAT state_dict matches no known MobileNetV3 variant; pass config=")
+    raise ValueError("the state_dict matches no known MobileNetV3 variant; pass config=")
+
+
+def quantized_from_state_dict(sd, config=None, **kwargs) -> QuantizedMobileNetV3:
+    """The int8 model of a QAT-prepared state_dict (converted as torch converts it) or of a
+    converted one (``torch.save(quantized_model.state_dict())``), architecture inferred."""
+    if is_qat_state_dict(sd):
+        return from_qat_state_dict(sd, config, **kwargs)
+    config = infer_config(sd) if config is None else config
+    return QuantizedMobileNetV3(config, impl=kwargs.get("impl", "fast")).load_state_dict(sd)
 
 
 def from_qat_state_dict(sd, config=None, *, reduce_range=False, bn_eps=BN_EPS,
@@ -108,7 +130,7 @@ def from_qat_state_dict(sd, config=None, *, reduce_range=False, bn_eps=BN_EPS,
     if not is_qat_state_dict(sd):
         raise ValueError("not a quantization-aware-training state_dict (no weight_fake_quant "
                          "entries)")
-    config = _infer_config(sd) if config is None else MobileNetV3Config.from_dict(config)
+    config = infer_config(sd) if config is None else MobileNetV3Config.from_dict(config)
     q = QuantizedMobileNetV3(config, impl=impl)
     try:
         for u in q.units:
