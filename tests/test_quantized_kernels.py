@@ -83,6 +83,20 @@ def test_quantize_per_channel_and_bias_match_torch(torch_qnnpack):
     assert_same("int32 bias", K.quantize_bias(b, sx, s), ref_b.int_repr().numpy())
 
 
+def test_requantize_naive_equals_fast():
+    """int32 sums (or exact integers in float32, from a GEMM) + int32 bias -> uint8, with and
+    without the fused-ReLU floor, values spanning both clamps."""
+    rng = np.random.default_rng(9)
+    acc = rng.integers(-200_000, 200_000, (2, 6, 5, 3)).astype(np.int32)
+    bias = rng.integers(-5000, 5000, 6).astype(np.int32)
+    M = rng.uniform(1e-4, 2e-3, 6).astype(np.float32)
+    for qmin in (0, 37):
+        want = K.requantize(acc, M, 37, qmin, bias=bias, impl="naive")
+        assert want.min() == qmin and want.max() == 255          # both clamps are reached
+        for a in (acc, acc.astype(np.float32)):
+            assert_same("requantize", K.requantize(a, M, 37, qmin, bias=bias), want)
+
+
 # ----------------------------------------------------------------------------- conv / linear
 
 CONVS = [  # C, K, k, stride, groups: MobileNetV3's stem, depthwise 3/5 at stride 1/2, 1x1

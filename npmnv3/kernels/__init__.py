@@ -46,7 +46,13 @@ from .qelementwise import (
     qhardswish,
     qmul,
 )
-from .quantize import dequantize, quantize_bias, quantize_per_channel, quantize_per_tensor
+from .quantize import (
+    dequantize,
+    quantize_bias,
+    quantize_per_channel,
+    quantize_per_tensor,
+    requantize,
+)
 from .se import se_backward, se_forward
 
 __all__ = [
@@ -69,5 +75,5 @@ __all__ = [
     # int8 (quint8 activations, qint8 weights): torch's qnnpack arithmetic
     "HARDSIGMOID_SCALE", "HARDSIGMOID_ZERO_POINT", "dequantize", "qadaptive_avgpool2d", "qadd",
     "qconv2d", "qhardsigmoid", "qhardswish", "qlinear", "qmul", "quantize_bias",
-    "quantize_per_channel", "quantize_per_tensor",
+    "quantize_per_channel", "quantize_per_tensor", "requantize",
 ]

@@ -53,7 +53,7 @@ def _per_channel(name, v, K, dtype):
     return v
 
 
-def _prepare(qx, qw, w_scale, w_zp, bias, groups):
+def _prepare(qx, qw, w_scale, w_zp, bias, groups, stride, padding, dilation):
     _check_q("input", qx, np.uint8, 4)
     _check_q("weight", qw, np.int8, 4)
     groups = check_positive_int("groups", groups)
@@ -67,7 +67,8 @@ def _prepare(qx, qw, w_scale, w_zp, bias, groups):
     b = np.zeros(K, np.float32) if bias is None else np.asarray(bias, np.float32).reshape(-1)
     if b.shape != (K,):
         raise ValueError(f"bias must have shape ({K},), got {b.shape}")
-    return sw, zw, b, groups
+    Ho, Wo = check_conv_geometry(qx, qw.shape[2], qw.shape[3], stride, padding, dilation)
+    return sw, zw, b, groups, Ho, Wo
 
 
 # ----------------------------------------------------------------------------- naive
@@ -75,8 +76,8 @@ def _prepare(qx, qw, w_scale, w_zp, bias, groups):
 def qconv2d_naive(qx, x_scale, x_zp, qw, w_scale, w_zp, bias, out_scale, out_zp, *, stride=1,
                   padding=0, dilation=1, groups=1, relu=False):
     """The formula: one shifted multiply-add per kernel tap, in int64, then requantize."""
-    sw, zw, b, groups = _prepare(qx, qw, w_scale, w_zp, bias, groups)
-    Ho, Wo = check_conv_geometry(qx, qw.shape[2], qw.shape[3], stride, padding, dilation)
+    sw, zw, b, groups, Ho, Wo = _prepare(qx, qw, w_scale, w_zp, bias, groups, stride, padding,
+                                         dilation)
     N, C = qx.shape[:2]
     K, Cg, kH, kW = qw.shape
     Kg = K // groups
@@ -92,9 +93,9 @@ def qconv2d_naive(qx, x_scale, x_zp, qw, w_scale, w_zp, bias, out_scale, out_zp,
                         u * dilation:u * dilation + stride * (Ho - 1) + 1:stride,
                         v * dilation:v * dilation + stride * (Wo - 1) + 1:stride]  # (N,Cg,Ho,Wo)
                 acc[:, k] += np.tensordot(tap, w[k, :, u, v], axes=([1], [0]))
-    acc += quantize_bias(b, x_scale, sw)[None, :, None, None]
     M = requant_multipliers(x_scale, sw, out_scale, K)
-    return requantize_naive(acc, M, out_zp, out_zp if relu else 0, 255)
+    return requantize_naive(acc, M, out_zp, out_zp if relu else 0, 255,
+                            bias=quantize_bias(b, x_scale, sw))
 
 
 # ----------------------------------------------------------------------------- fast
@@ -123,8 +124,8 @@ def _im2col(x, kH, kW, Ho, Wo, s, p, d):
 def qconv2d_fast(qx, x_scale, x_zp, qw, w_scale, w_zp, bias, out_scale, out_zp, *, stride=1,
                  padding=0, dilation=1, groups=1, relu=False):
     """Same contract as ``qconv2d_naive``: GEMM (1x1, general) or Numba (depthwise) sums."""
-    sw, zw, b, groups = _prepare(qx, qw, w_scale, w_zp, bias, groups)
-    Ho, Wo = check_conv_geometry(qx, qw.shape[2], qw.shape[3], stride, padding, dilation)
+    sw, zw, b, groups, Ho, Wo = _prepare(qx, qw, w_scale, w_zp, bias, groups, stride, padding,
+                                         dilation)
     N, C = qx.shape[:2]
     K, Cg, kH, kW = qw.shape
     x, xmax = _centered(qx, x_zp)

@@ -77,7 +77,7 @@ def qhardswish(qx, x_scale, x_zp, out_scale, out_zp, *, impl="fast"):
     """Quantized hard-swish (torch ``quantized::hardswish``). naive: the float32 formula per
     element; fast: the 256-entry table indexed by q (the same numbers: the table caches them)."""
     _check_u8("input", qx)
-    if choose_impl(impl, "fast", "naive") == "naive":
+    if choose_impl(impl, False, True):
         return _lut_values("hardswish", qx, x_scale, x_zp, out_scale, out_zp)
     return activation_table("hardswish", x_scale, x_zp, out_scale, out_zp)[qx]
 
@@ -87,7 +87,7 @@ def qhardsigmoid(qx, x_scale, x_zp, *, impl="fast"):
     zero point 0 (``HARDSIGMOID_SCALE``, ``HARDSIGMOID_ZERO_POINT``)."""
     _check_u8("input", qx)
     args = (x_scale, x_zp, HARDSIGMOID_SCALE, HARDSIGMOID_ZERO_POINT)
-    if choose_impl(impl, "fast", "naive") == "naive":
+    if choose_impl(impl, False, True):
         return _lut_values("hardsigmoid", qx, *args)
     return activation_table("hardsigmoid", *args)[qx]
 
@@ -112,13 +112,17 @@ def add_params(a_scale, b_scale, out_scale):
     return int(np.rint(ra * mult)), int(np.rint(rb * mult)), shift
 
 
-def qadd_naive(qa, a_scale, a_zp, qb, b_scale, b_zp, out_scale, out_zp):
-    """q_out = clamp(round_half_away((m_a (q_a - z_a) + m_b (q_b - z_b)) / 2^e) + z_out)."""
+def _check_add(qa, qb):
     _check_u8("first input", qa)
     _check_u8("second input", qb)
     if qa.shape != qb.shape:
         raise ValueError(f"quantized add needs equal shapes (qnnpack does not broadcast), got "
                          f"{qa.shape} and {qb.shape}")
+
+
+def qadd_naive(qa, a_scale, a_zp, qb, b_scale, b_zp, out_scale, out_zp):
+    """q_out = clamp(round_half_away((m_a (q_a - z_a) + m_b (q_b - z_b)) / 2^e) + z_out)."""
+    _check_add(qa, qb)
     ma, mb, e = add_params(a_scale, b_scale, out_scale)
     acc = ma * (qa.astype(np.int64) - a_zp) + mb * (qb.astype(np.int64) - b_zp)
     half = np.int64(1) << (e - 1)
@@ -142,11 +146,7 @@ _qadd = njit(cache=True, parallel=True)(_qadd_loops)
 
 def qadd_fast(qa, a_scale, a_zp, qb, b_scale, b_zp, out_scale, out_zp):
     """Numba version of ``qadd_naive`` (same contract)."""
-    _check_u8("first input", qa)
-    _check_u8("second input", qb)
-    if qa.shape != qb.shape:
-        raise ValueError(f"quantized add needs equal shapes (qnnpack does not broadcast), got "
-                         f"{qa.shape} and {qb.shape}")
+    _check_add(qa, qb)
     ma, mb, e = add_params(a_scale, b_scale, out_scale)
     out = np.empty(qa.shape, np.uint8)
     _qadd(np.ascontiguousarray(qa).reshape(-1), np.ascontiguousarray(qb).reshape(-1),
@@ -224,10 +224,10 @@ def qadaptive_avgpool2d(qx, x_scale, x_zp, *, impl="fast"):
     _check_u8("input", qx)
     if qx.ndim != 4:
         raise ValueError(f"input must have shape (N, C, H, W), got {qx.shape}")
-    choose_impl(impl, None, None)
+    naive = choose_impl(impl, False, True)
     N, C, H, W = qx.shape
     P = H * W
-    if impl == "naive":
+    if naive:
         acc = (qx.astype(np.int64) - x_zp).sum(axis=(2, 3), keepdims=True)   # (N, C, 1, 1)
     else:
         acc = qx.reshape(N, C, P).sum(axis=2, dtype=np.int64, keepdims=True)[..., None] \

@@ -111,14 +111,18 @@ def requant_multipliers(x_scale, w_scale, out_scale, channels):
 
 # ----------------------------------------------------------------------------- requantize
 
-def requantize_naive(acc, multiplier, out_zp, qmin=0, qmax=255):
-    """uint8 (N, K, ...) = clamp(round(float32(acc) * M[k]) + z_out, qmin, qmax).
+def requantize_naive(acc, multiplier, out_zp, qmin=0, qmax=255, bias=None):
+    """uint8 (N, K, ...) = clamp(round(float32(acc + q_b[k]) * M[k]) + z_out, qmin, qmax).
 
-    ``acc`` is the int32 accumulator (N, K, ...) with the bias already added; ``M`` (K,)
-    float32. A fused ReLU is qmin = z_out (torch's ``activationLimits``: the integer of 0.0).
+    ``acc``: integer sums (N, K, ...) (int32, or exact integers in a float array); ``bias``:
+    q_b (K,) int32 or None; ``M`` (K,) float32. A fused ReLU is qmin = z_out (torch's
+    ``activationLimits``: the integer of 0.0).
     """
-    acc = np.asarray(acc)
-    M = np.asarray(multiplier, dtype=np.float32).reshape((1, -1) + (1,) * (acc.ndim - 2))
+    acc = np.asarray(acc).astype(np.int64)
+    shape = (1, -1) + (1,) * (acc.ndim - 2)
+    if bias is not None:
+        acc = acc + np.asarray(bias, dtype=np.int64).reshape(shape)
+    M = np.asarray(multiplier, dtype=np.float32).reshape(shape)
     y = np.rint(acc.astype(np.int32).astype(np.float32) * M) + np.float32(out_zp)
     return np.clip(y, qmin, qmax).astype(np.uint8)
 
@@ -139,8 +143,7 @@ _requant = njit(cache=True, parallel=True)(_requant_loops)
 
 
 def requantize_fast(acc, multiplier, out_zp, qmin=0, qmax=255, bias=None):
-    """Numba version of ``requantize_naive``; ``acc`` may be float (exact integers, from a float
-    GEMM) and ``bias`` (K,) int32 is added in integer arithmetic first."""
+    """Numba version of ``requantize_naive`` (same contract), one pass over the sums."""
     N, K = acc.shape[:2]
     a3 = acc.reshape(N, K, -1)
     out = np.empty(a3.shape, dtype=np.uint8)
@@ -150,8 +153,7 @@ def requantize_fast(acc, multiplier, out_zp, qmin=0, qmax=255, bias=None):
     return out.reshape(acc.shape)
 
 
-def requantize(acc, multiplier, out_zp, qmin=0, qmax=255, *, impl="fast"):
-    """Int32 accumulators (N, K, ...) -> uint8 with per-channel float32 multipliers M (K,)."""
-    if impl == "fast":
-        return requantize_fast(acc, multiplier, out_zp, qmin, qmax)
-    return choose_impl(impl, None, requantize_naive)(acc, multiplier, out_zp, qmin, qmax)
+def requantize(acc, multiplier, out_zp, qmin=0, qmax=255, bias=None, *, impl="fast"):
+    """Integer sums (N, K, ...) -> uint8 with per-channel float32 multipliers M (K,)."""
+    f = choose_impl(impl, requantize_fast, requantize_naive)
+    return f(acc, multiplier, out_zp, qmin, qmax, bias)

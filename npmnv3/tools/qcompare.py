@@ -21,23 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..io.pth import QTensor
-
-
-def _randomise_batchnorm(torch, model, seed: int):
-    """Random BN weights, biases and running statistics (well conditioned: weights 0.5..1.5,
-    variances 0.5..2) and nonzero conv/linear biases, as ``tests/support.randomise`` sets them:
-    torchvision initialises them to 1 / 0, and identity batch norm hides bugs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(0.5 + torch.rand(c, generator=g))
-                m.bias.copy_(0.2 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=g))
-            elif isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+from .compare import randomise
 
 
 @contextlib.contextmanager
@@ -71,7 +55,7 @@ def qat_prepared(arch="large", *, engine="qnnpack", width_mult=1.0, num_classes=
     model = QuantizableMobileNetV3(setting, last, block=QuantizableInvertedResidual,
                                    num_classes=num_classes)
     _replace_relu(model)
-    _randomise_batchnorm(torch, model, seed)
+    randomise(torch, model, seed)
     model.fuse_model(is_qat=True)
     model.qconfig = torch.ao.quantization.get_default_qat_qconfig(engine)
     torch.ao.quantization.prepare_qat(model, inplace=True)
