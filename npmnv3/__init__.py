@@ -49,6 +49,10 @@ _API = {
     "load_classifier": ("npmnv3.tools.classify", "load_classifier"),
     "numerical_gradient": ("npmnv3.tools.gradcheck", "numerical_gradient"),
     "rel_error": ("npmnv3.tools.gradcheck", "rel_error"),
+    "QuantizedMobileNetV3": ("npmnv3.nn.quantized", "QuantizedMobileNetV3"),
+    "quantized_mobilenet_v3_large": ("npmnv3.nn.quantized", "quantized_mobilenet_v3_large"),
+    "quantized_mobilenet_v3_small": ("npmnv3.nn.quantized", "quantized_mobilenet_v3_small"),
+    "quantize": ("npmnv3.nn.ptq", "quantize"),
 }
 __all__ = ["__version__", *_API]
 
