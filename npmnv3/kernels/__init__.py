@@ -30,10 +30,18 @@ from .batchnorm import (
 from .conv2d import conv2d_backward, conv2d_forward, pointwise_backward, pointwise_forward
 from .depthwise import depthwise_backward, depthwise_forward
 from .dropout import dropout_backward, dropout_forward
+from .interpolate import bilinear_backward, bilinear_forward
 from .linear import linear_backward, linear_forward
 from .loss import cross_entropy_backward, cross_entropy_forward
+from .merge import (
+    channel_scale_backward,
+    channel_scale_forward,
+    concat_backward,
+    concat_forward,
+)
 from .pool import avgpool_backward, avgpool_forward
 from .se import se_backward, se_forward
+from .sigmoid import sigmoid_backward, sigmoid_forward
 
 __all__ = [
     "ACTIVATIONS", "BatchNormStats",
@@ -41,6 +49,9 @@ __all__ = [
     "avgpool_backward", "avgpool_forward",
     "batchnorm_act_backward", "batchnorm_act_forward",
     "batchnorm_backward", "batchnorm_forward",
+    "bilinear_backward", "bilinear_forward",
+    "channel_scale_backward", "channel_scale_forward",
+    "concat_backward", "concat_forward",
     "conv2d_backward", "conv2d_forward",
     "cross_entropy_backward", "cross_entropy_forward",
     "depthwise_backward", "depthwise_forward",
@@ -52,4 +63,5 @@ __all__ = [
     "relu6_backward", "relu6_forward",
     "relu_backward", "relu_forward",
     "se_backward", "se_forward",
+    "sigmoid_backward", "sigmoid_forward",
 ]
