@@ -21,7 +21,7 @@ elif "OPENBLAS_THREAD_TIMEOUT" not in _os.environ:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import kernels  # noqa: E402
-from .data.preprocess import load_image, preprocess  # noqa: E402
+from .data.preprocess import load_image, preprocess, preprocess_segmentation  # noqa: E402
 from .io.convert import convert, load_model, load_npz  # noqa: E402
 from .io.pth import CheckpointError, load_pth  # noqa: E402
 from .nn.model import (  # noqa: E402
@@ -42,7 +42,7 @@ __all__ = ["CheckpointError", "MobileNetV3", "config_path", "kernels", "load_pth
            "mobilenet_v3_from_config", "mobilenet_v3_large", "mobilenet_v3_small",
            "numerical_gradient", "rel_error", "__version__",
            "summary", "convert", "load_npz", "load_model", "compare_with_torchvision",
-           "preprocess", "load_image",
+           "preprocess", "preprocess_segmentation", "load_image",
            "gradcam", "save_overlay"]
 
 from .io import weights  # noqa: E402
