@@ -15,8 +15,9 @@ from support import require_torchvision
 from test_weights import TIMEOUT, isolated, leftovers, server  # noqa: F401  (fixtures)
 
 import npmnv3
-from npmnv3 import weights as W
 from npmnv3.data.preprocess import preprocess_segmentation
+from npmnv3.io import seg_registry as W
+from npmnv3.io.weights import DownloadError, WeightsError
 
 DATA = Path(__file__).parent / "data"
 PHOTOS = ["astronaut.jpg", "coffee.jpg", "chelsea_exif6.jpg"]
@@ -44,7 +45,7 @@ def test_registry_is_torchvisions():
         assert [e.resize_size] == w.transforms().resize_size
         assert e.enum.endswith(str(w).split(".")[-1]) and e.enum.startswith(type(w).__name__)
     assert W.get_segmentation("deeplabv3").aux_loss and not W.get_segmentation("lraspp").aux_loss
-    with pytest.raises(W.WeightsError, match="unknown segmentation weights 'fcn'.*lraspp"):
+    with pytest.raises(WeightsError, match="unknown segmentation weights 'fcn'.*lraspp"):
         W.get_segmentation("fcn")
 
 
@@ -96,7 +97,7 @@ def test_fetch_downloads_once_and_checks_every_use(server, seg_entry, tmp_path):
     assert W.fetch_segmentation("test-seg", timeout=TIMEOUT) == path
     assert server.hits == [f"/models/{e.file_name}"]
     path.write_bytes(data[:-1] + b"x")                   # damaged on disk: found and removed
-    with pytest.raises(W.WeightsError, match="sha256 mismatch.*the file was removed"):
+    with pytest.raises(WeightsError, match="sha256 mismatch.*the file was removed"):
         W.fetch_segmentation("test-seg", timeout=TIMEOUT)
     assert leftovers(tmp_path / "home") == []
 
@@ -109,14 +110,14 @@ def test_fetch_reuses_torch_hub_and_never_deletes_it(server, seg_entry, tmp_path
     assert W.fetch_segmentation("test-seg", timeout=TIMEOUT) == hub / e.file_name
     assert server.hits == []
     (hub / e.file_name).write_bytes(b"not it")
-    with pytest.raises(W.WeightsError, match="torch hub's copy is not the official file"):
+    with pytest.raises(WeightsError, match="torch hub's copy is not the official file"):
         W.fetch_segmentation("test-seg", timeout=TIMEOUT)
     assert (hub / e.file_name).is_file()
 
 
 def test_offline_advice_names_the_segment_command(seg_entry, tmp_path):
     e, _ = seg_entry
-    with pytest.raises(W.DownloadError, match=r"cannot download .*lraspp_test.* run `npmnv3 "
+    with pytest.raises(DownloadError, match=r"cannot download .*lraspp_test.* run `npmnv3 "
                                               r"segment --weights test-seg IMAGE` when online, "
                                               r"or pass --weights PATH .*\(\.pth\)$"):
         W.fetch_segmentation("test-seg", timeout=TIMEOUT)
