@@ -50,6 +50,14 @@ from .tools.classify import classify, load_classifier  # noqa: E402
 
 __all__ += ["weights", "classify", "load_classifier"]
 
+from .nn.segmentation import (  # noqa: E402
+    SegmentationModel,
+    deeplabv3_mobilenet_v3_large,
+    lraspp_mobilenet_v3_large,
+)
+
+__all__ += ["SegmentationModel", "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"]
+
 from .train.loop import ArrayDataset, ImageFolder, fit, load_checkpoint  # noqa: E402
 
 __all__ += ["ArrayDataset", "ImageFolder", "fit", "load_checkpoint"]

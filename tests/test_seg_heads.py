@@ -5,25 +5,28 @@ import copy
 
 import numpy as np
 import pytest
-from seg_support import judge, run_torch
+from seg_support import dropout_masks, judge, judge_all, run_torch
 from support import randn, randomise, require_torchvision
 
-from npmnv3.nn.seg_heads import DeepLabHead, FCNHead, LRASPPHead, Run, init_head
+from npmnv3.nn.blocks import Ctx
+from npmnv3.nn.seg_heads import DeepLabHead, FCNHead, LRASPPHead, init_head
 
-DTYPES = [np.float32, np.float64]
+# float64 in both modes; float32 in train mode, where rounding matters most (the model tests
+# cover float32 eval)
+MODES = [(np.float64, False), (np.float64, True), (np.float32, True)]
+DROPOUTS = ("classifier.0.project.3", "aux_classifier.3")
 
 
 def our_state(state, dtype):
-    params = {k: v.astype(dtype) for k, v in state.items() if "running" not in k
-              and "num_batches" not in k}
-    buffers = {k: (v.astype(dtype) if "running" in k else np.array(v, np.int64))
-               for k, v in state.items() if k not in params}
-    return params, buffers
+    """torchvision's state_dict as ``p`` (parameters and buffers in the given dtype)."""
+    return {k: (np.array(v, np.int64) if "num_batches" in k else v.astype(dtype))
+            for k, v in state.items()}
 
 
 def check_head(torch, head, tv_head, inputs, dtype, training, seed):
-    """Ours and torchvision's head on the same weights, inputs and dropout masks: every
-    module output, every gradient, the running statistics after the call."""
+    """Ours and torchvision's head on the same weights, inputs and dropout masks (ours draws
+    them, torch is made to use them): every module output, every gradient, the running
+    statistics after the call. float32 is judged against torch in float64."""
     rng = np.random.default_rng(seed)
     randomise(torch, tv_head, seed)
     tv_head.train(training)
@@ -31,46 +34,43 @@ def check_head(torch, head, tv_head, inputs, dtype, training, seed):
     assert [k for k, _, _ in head.layout()] == [f"{n}.{k}" for k in tv_head.state_dict()]
     assert head.module_names() == [f"{n}.{m}" if m else n for m, _ in tv_head.named_modules()]
     state = {f"{n}.{k}": v.numpy().copy() for k, v in tv_head.state_dict().items()}
+    record, updates = {}, ({} if training else None)
+    ctx = Ctx(training, updates=updates, record=record, rng=np.random.default_rng(seed))
+    out, cache = head.forward(*[a.astype(dtype) for a in inputs], our_state(state, dtype), ctx)
+    dout = randn(rng, out.shape, np.float64)
+    *dins, grads = head.backward(dout.astype(dtype), cache)
+    masks = dropout_masks(record, DROPOUTS) if training else {}
+    assert len(masks) == (training and sum(isinstance(m, torch.nn.Dropout)
+                                           for m in tv_head.modules()))
+
     call = ((lambda m, low, high: m({"low": low, "high": high}))
             if isinstance(head, LRASPPHead) else None)
-    inputs64 = [a.astype(np.float64) for a in inputs]
-    dout64 = {"out": randn(rng, (inputs[0].shape[0], head.num_classes if hasattr(
-        head, "num_classes") else head.channels) + inputs[0].shape[2:], np.float64)}
-    torch.manual_seed(seed)
-    truth = run_torch(torch, copy.deepcopy(tv_head).double(), inputs64, dout64, n, call=call)
-    ref = truth
-    if dtype == np.float32:
+    truth = run_torch(torch, copy.deepcopy(tv_head).double(), inputs, {"out": dout}, n,
+                      masks=masks, call=call)
+    ref, f32 = truth, dtype == np.float32
+    if f32:
         ref = run_torch(torch, copy.deepcopy(tv_head).float(), [a.astype(dtype) for a in inputs],
-                        {"out": dout64["out"].astype(dtype)}, n, masks=truth["masks"], call=call)
-    assert len(ref["masks"]) == (training and sum(isinstance(m, torch.nn.Dropout)
-                                                  for m in tv_head.modules()))
-    params, buffers = our_state(state, dtype)
-    run = Run(params, buffers, training, outs={}, masks=ref["masks"])
-    out, cache = head.forward(run, *[a.astype(dtype) for a in inputs])
-    t32 = dtype == np.float32
-    judge("out", out, ref["out"]["out"], truth["out"]["out"] if t32 else None)
-    for name in ref["outs"]:
-        assert name in run.outs, f"module {name} not recorded"
-        judge(name, run.outs[name], ref["outs"][name], truth["outs"][name] if t32 else None)
-    *dins, grads = head.backward(dout64["out"].astype(dtype), cache)
+                        {"out": dout.astype(dtype)}, n, masks=masks, call=call)
+    t = (lambda d: d) if f32 else (lambda d: None)
+    judge("out", out, ref["out"]["out"], t(truth["out"]["out"]))
+    judge_all("module", record, ref["outs"], t(truth["outs"]))
     for i, d in enumerate(dins):
-        judge(f"d input {i}", d, ref["dinputs"][i], truth["dinputs"][i] if t32 else None)
+        judge(f"d input {i}", d, ref["dinputs"][i], t(truth["dinputs"][i]))
     assert set(grads) == set(ref["grads"]), "a parameter gradient is missing or extra"
-    for k, g in grads.items():
-        judge(f"grad {k}", g, ref["grads"][k], truth["grads"][k] if t32 else None)
+    judge_all("grad", grads, ref["grads"], t(truth["grads"]))
     for k, v in ref["state"].items():
         if "running" in k:
-            judge(f"buffer {k}", buffers[k], v, truth["state"][k] if t32 else None)
+            judge(f"buffer {k}", updates[k] if training else state[k].astype(dtype), v,
+                  t(truth["state"][k]))
         elif "num_batches" in k:
-            assert int(buffers[k]) == int(v), f"buffer {k}"
+            assert int(updates[k] if training else state[k]) == int(v), f"buffer {k}"
     if not training:                  # the fused path (nothing recorded) gives the same output
-        fused, _ = head.forward(Run(*our_state(state, dtype), training),
-                                *[a.astype(dtype) for a in inputs])
-        judge("fused out", fused, ref["out"]["out"], truth["out"]["out"] if t32 else None)
+        fused, _ = head.forward(*[a.astype(dtype) for a in inputs], our_state(state, dtype),
+                                Ctx(False))
+        judge("fused out", fused, ref["out"]["out"], t(truth["out"]["out"]))
 
 
-@pytest.mark.parametrize("training", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype, training", MODES)
 def test_lraspp_head(dtype, training):
     require_torchvision()
     import torch
@@ -82,8 +82,7 @@ def test_lraspp_head(dtype, training):
                training, seed=1)
 
 
-@pytest.mark.parametrize("training", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype, training", MODES)
 def test_deeplab_head(dtype, training):
     require_torchvision()
     import torch
@@ -93,8 +92,7 @@ def test_deeplab_head(dtype, training):
     check_head(torch, DeepLabHead(960, 21), TV(960, 21), [x], dtype, training, seed=3)
 
 
-@pytest.mark.parametrize("training", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype, training", MODES)
 def test_fcn_head(dtype, training):
     require_torchvision()
     import torch
@@ -125,5 +123,5 @@ def test_train_mode_pool_branch_needs_two_values():
     params, buffers = init_head(head, np.random.default_rng(0), np.float64)
     x = np.random.default_rng(1).standard_normal((1, 16, 5, 4))
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        head.forward(Run(params, buffers, True), x)
-    head.forward(Run(params, buffers, False), x)                 # eval mode is fine
+        head.forward(x, {**params, **buffers}, Ctx(True, updates={}))
+    head.forward(x, {**params, **buffers}, Ctx(False))           # eval mode is fine

@@ -18,9 +18,12 @@ hl wl / hh wh the low-level (output stride 8) / high-level (stride 16) feature m
 The heads' batch norms are ``nn.BatchNorm2d`` defaults (eps 1e-5, momentum 0.1), unlike the
 backbone's (1e-3, 0.01). A tensor used by several branches (LR-ASPP's ``high``, ASPP's input)
 gets the sum of their gradients, written out in each ``backward``. Every forward records each
-module's output under its torchvision name when ``run.outs`` is a dict (BN and ReLU are then
+module's output under its torchvision name when ``ctx.record`` is a dict (BN and ReLU are then
 kept apart; otherwise they run as one fused kernel), and returns ``(out, cache)``; every
-backward returns the input gradient(s) and a dict of parameter gradients by key.
+backward returns the input gradient(s) and a dict of parameter gradients by key. The calling
+convention is ``blocks.py``'s: ``forward(x, p, ctx)`` with ``p`` the state_dict-keyed arrays
+(parameters and buffers) and ``ctx`` the mode; new running statistics go to ``ctx.updates``,
+module outputs to ``ctx.record`` (when a dict), dropout draws from ``ctx.rng``.
 """
 
 from __future__ import annotations
@@ -30,25 +33,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import kernels as K
+from .blocks import Ctx
 
 HEAD_BN_EPS = 1e-5          # torch.nn.BatchNorm2d defaults: the heads use plain BatchNorm2d
 HEAD_BN_MOMENTUM = 0.1
 
 
-@dataclass
-class Run:
-    """What a head's forward reads besides its input: the model's arrays and mode."""
-    params: dict
-    buffers: dict
-    training: bool
-    impl: str = "fast"
-    outs: dict | None = None          # module outputs by torchvision name, if recording
-    rng: object = None                # dropout's generator (train mode)
-    masks: dict | None = None         # dropout masks imposed by module name (tests)
-
-    def record(self, name, value):
-        if self.outs is not None:
-            self.outs[name] = value
+def _record(ctx: Ctx, name, value):
+    if ctx.record is not None:
+        ctx.record[name] = value
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -69,15 +62,15 @@ class Conv:
         if self.bias:
             yield f"{self.name}.bias", (self.cout,), "param"
 
-    def forward(self, run: Run, x):
-        w = run.params[f"{self.name}.weight"]
-        b = run.params[f"{self.name}.bias"] if self.bias else None
+    def forward(self, x, p, ctx: Ctx):
+        w = p[f"{self.name}.weight"]
+        b = p[f"{self.name}.bias"] if self.bias else None
         if self.k == 1:
-            y, cache = K.pointwise_forward(x, w, b, impl=run.impl)
+            y, cache = K.pointwise_forward(x, w, b, impl=ctx.impl)
         else:
             y, cache = K.conv2d_forward(x, w, b, padding=self.padding, dilation=self.dilation,
-                                        impl=run.impl)
-        run.record(self.name, y)
+                                        impl=ctx.impl)
+        _record(ctx, self.name, y)
         return y, cache
 
     def backward(self, dy, cache, impl, grads):
@@ -111,25 +104,26 @@ class ConvBNReLU:
         yield f"{self.bn}.running_var", (C,), "buffer"
         yield f"{self.bn}.num_batches_tracked", (), "buffer"
 
-    def forward(self, run: Run, x):
-        y, c_conv = self.conv.forward(run, x)
-        p, b = run.params, run.buffers
-        args = (p[f"{self.bn}.weight"], p[f"{self.bn}.bias"], b[f"{self.bn}.running_mean"],
-                b[f"{self.bn}.running_var"])
-        kw = dict(training=run.training, momentum=HEAD_BN_MOMENTUM, eps=HEAD_BN_EPS,
-                  num_batches_tracked=int(b[f"{self.bn}.num_batches_tracked"]), impl=run.impl)
-        if run.outs is None:                          # one kernel: the same numbers
+    def forward(self, x, p, ctx: Ctx):
+        y, c_conv = self.conv.forward(x, p, ctx)
+        bn = self.bn
+        args = (p[f"{bn}.weight"], p[f"{bn}.bias"], p[f"{bn}.running_mean"],
+                p[f"{bn}.running_var"])
+        kw = dict(training=ctx.training, momentum=HEAD_BN_MOMENTUM, eps=HEAD_BN_EPS,
+                  num_batches_tracked=int(p[f"{bn}.num_batches_tracked"]), impl=ctx.impl)
+        if ctx.record is None:                        # one kernel: the same numbers
             z, c_bn, stats = K.batchnorm_act_forward(y, *args, act="relu", **kw)
             c_act = None
         else:
             z, c_bn, stats = K.batchnorm_forward(y, *args, **kw)
-            run.record(self.bn, z)
-            z, c_act = K.relu_forward(z, impl=run.impl)
-            run.record(self.relu, z)
-        if run.training:
-            b[f"{self.bn}.running_mean"] = stats.running_mean
-            b[f"{self.bn}.running_var"] = stats.running_var
-            b[f"{self.bn}.num_batches_tracked"] = np.array(stats.num_batches_tracked, np.int64)
+            _record(ctx, bn, z)
+            z, c_act = K.relu_forward(z, impl=ctx.impl)
+            _record(ctx, self.relu, z)
+        if ctx.training:
+            ctx.updates[f"{bn}.running_mean"] = stats.running_mean
+            ctx.updates[f"{bn}.running_var"] = stats.running_var
+            ctx.updates[f"{bn}.num_batches_tracked"] = np.array(stats.num_batches_tracked,
+                                                                np.int64)
         return z, (c_conv, c_bn, c_act)
 
     def backward(self, dz, cache, impl, grads):
@@ -143,11 +137,9 @@ class ConvBNReLU:
         return self.conv.backward(dy, c_conv, impl, grads)
 
 
-def _dropout_forward(run: Run, name, x, p):
-    mask = (run.masks or {}).get(name)
-    y, cache = K.dropout_forward(x, p, training=run.training, rng=run.rng, mask=mask,
-                                 impl=run.impl)
-    run.record(name, y)
+def _dropout_forward(ctx: Ctx, name, x, prob):
+    y, cache = K.dropout_forward(x, prob, training=ctx.training, rng=ctx.rng, impl=ctx.impl)
+    _record(ctx, name, y)
     return y, cache
 
 
@@ -185,28 +177,28 @@ class LRASPPHead:
                 f"{n}.scale.0", f"{n}.scale.1", f"{n}.scale.2", f"{n}.low_classifier",
                 f"{n}.high_classifier"]
 
-    def forward(self, run: Run, low, high):
+    def forward(self, low, high, p, ctx: Ctx):
         """low (N, Cl, hl, wl), high (N, Ch, hh, wh) -> (N, K, hl, wl)."""
-        n, impl = self.name, run.impl
-        x, c_cbr = self.cbr.forward(run, high)                              # (N, 128, hh, wh)
-        run.record(f"{n}.cbr", x)
+        n, impl = self.name, ctx.impl
+        x, c_cbr = self.cbr.forward(high, p, ctx)                              # (N, 128, hh, wh)
+        _record(ctx, f"{n}.cbr", x)
         pooled, c_pool = K.avgpool_forward(high, impl=impl)                 # (N, Ch, 1, 1)
-        run.record(f"{n}.scale.0", pooled)
-        g, c_sc = self.scale_conv.forward(run, pooled)                      # (N, 128, 1, 1)
+        _record(ctx, f"{n}.scale.0", pooled)
+        g, c_sc = self.scale_conv.forward(pooled, p, ctx)                      # (N, 128, 1, 1)
         s, c_sig = K.sigmoid_forward(g, impl=impl)
-        run.record(f"{n}.scale.2", s)
-        run.record(f"{n}.scale", s)
+        _record(ctx, f"{n}.scale.2", s)
+        _record(ctx, f"{n}.scale", s)
         xs, c_mul = K.channel_scale_forward(x, s, impl=impl)               # x * s
         up, c_up = K.bilinear_forward(xs, low.shape[2:], impl=impl)         # (N, 128, hl, wl)
-        a, c_low = self.low_classifier.forward(run, low)                    # (N, K, hl, wl)
-        b, c_high = self.high_classifier.forward(run, up)
+        a, c_low = self.low_classifier.forward(low, p, ctx)                    # (N, K, hl, wl)
+        b, c_high = self.high_classifier.forward(up, p, ctx)
         out = a + b
-        run.record(n, out)
-        return out, (c_cbr, c_pool, c_sc, c_sig, c_mul, c_up, c_low, c_high)
+        _record(ctx, n, out)
+        return out, (impl, c_cbr, c_pool, c_sc, c_sig, c_mul, c_up, c_low, c_high)
 
-    def backward(self, dout, cache, impl="fast"):
+    def backward(self, dout, cache):
         """Returns ``(dlow, dhigh, grads)``; ``high`` feeds cbr and scale: both add."""
-        c_cbr, c_pool, c_sc, c_sig, c_mul, c_up, c_low, c_high = cache
+        impl, c_cbr, c_pool, c_sc, c_sig, c_mul, c_up, c_low, c_high = cache
         grads = {}
         dlow = self.low_classifier.backward(dout, c_low, impl, grads)       # out = a + b
         dup = self.high_classifier.backward(dout, c_high, impl, grads)
@@ -272,34 +264,35 @@ class DeepLabHead:
         names += [f"{a}.project"] + [f"{a}.project.{j}" for j in range(4)]
         return names + [f"{n}.{j}" for j in range(1, 5)]
 
-    def forward(self, run: Run, x):
+    def forward(self, x, p, ctx: Ctx):
         """x (N, Ch, h, w) -> (N, K, h, w)."""
-        a, impl = f"{self.name}.0", run.impl
+        a, impl = f"{self.name}.0", ctx.impl
         ys, caches = [], []
         for i, br in enumerate(self.branches):
-            y, c = br.forward(run, x)                                       # (N, 256, h, w)
-            run.record(f"{a}.convs.{i}", y)
+            y, c = br.forward(x, p, ctx)                                       # (N, 256, h, w)
+            _record(ctx, f"{a}.convs.{i}", y)
             ys.append(y)
             caches.append(c)
         q = self.pool_name
         pooled, c_pool = K.avgpool_forward(x, impl=impl)                    # (N, Ch, 1, 1)
-        run.record(f"{q}.0", pooled)
-        g, c_pb = self.pool_branch.forward(run, pooled)                     # (N, 256, 1, 1)
+        _record(ctx, f"{q}.0", pooled)
+        g, c_pb = self.pool_branch.forward(pooled, p, ctx)                     # (N, 256, 1, 1)
         up, c_up = K.bilinear_forward(g, x.shape[2:], impl=impl)            # (N, 256, h, w)
-        run.record(q, up)
+        _record(ctx, q, up)
         cat, c_cat = K.concat_forward(ys + [up], impl=impl)                 # (N, 1280, h, w)
-        z, c_proj = self.project.forward(run, cat)
-        z, c_drop = _dropout_forward(run, f"{a}.project.3", z, self.dropout)
-        run.record(f"{a}.project", z)
-        run.record(a, z)
-        t, c_tail = self.tail.forward(run, z)
-        out, c_final = self.final.forward(run, t)                           # (N, K, h, w)
-        run.record(self.name, out)
-        return out, (caches, c_pool, c_pb, c_up, c_cat, c_proj, c_drop, c_tail, c_final)
+        z, c_proj = self.project.forward(cat, p, ctx)
+        z, c_drop = _dropout_forward(ctx, f"{a}.project.3", z, self.dropout)
+        _record(ctx, f"{a}.project", z)
+        _record(ctx, a, z)
+        t, c_tail = self.tail.forward(z, p, ctx)
+        out, c_final = self.final.forward(t, p, ctx)                           # (N, K, h, w)
+        _record(ctx, self.name, out)
+        return out, (impl, caches, c_pool, c_pb, c_up, c_cat, c_proj, c_drop, c_tail,
+                     c_final)
 
-    def backward(self, dout, cache, impl="fast"):
+    def backward(self, dout, cache):
         """Returns ``(dx, grads)``; x feeds the five ASPP branches: their gradients add."""
-        caches, c_pool, c_pb, c_up, c_cat, c_proj, c_drop, c_tail, c_final = cache
+        impl, caches, c_pool, c_pb, c_up, c_cat, c_proj, c_drop, c_tail, c_final = cache
         grads = {}
         dt = self.final.backward(dout, c_final, impl, grads)
         dz = self.tail.backward(dt, c_tail, impl, grads)
@@ -337,16 +330,16 @@ class FCNHead:
     def module_names(self):
         return [self.name] + [f"{self.name}.{j}" for j in range(5)]
 
-    def forward(self, run: Run, x):
-        y, c_cbr = self.cbr.forward(run, x)
-        y, c_drop = _dropout_forward(run, f"{self.name}.3", y, self.dropout)
-        out, c_final = self.final.forward(run, y)
-        run.record(self.name, out)
-        return out, (c_cbr, c_drop, c_final)
+    def forward(self, x, p, ctx: Ctx):
+        y, c_cbr = self.cbr.forward(x, p, ctx)
+        y, c_drop = _dropout_forward(ctx, f"{self.name}.3", y, self.dropout)
+        out, c_final = self.final.forward(y, p, ctx)
+        _record(ctx, self.name, out)
+        return out, (ctx.impl, c_cbr, c_drop, c_final)
 
-    def backward(self, dout, cache, impl="fast"):
+    def backward(self, dout, cache):
         """Returns ``(dx, grads)``."""
-        c_cbr, c_drop, c_final = cache
+        impl, c_cbr, c_drop, c_final = cache
         grads = {}
         dy = self.final.backward(dout, c_final, impl, grads)
         dy = K.dropout_backward(dy, c_drop, impl=impl)

@@ -1,0 +1,157 @@
+"""LR-ASPP and DeepLabV3 on MobileNetV3-Large against torchvision, end to end.
+
+The weights are checkpoints torchvision writes (``torch.save`` of a model with randomised
+batch-norm statistics and biases), read back with the torch-free ``npmnv3.load_pth``. Compared:
+``out`` (and ``aux``), every module's output, dL/dx and every parameter gradient for a random
+upstream gradient, the running statistics after a train-mode step; eval and train mode; odd,
+non-square input sizes (the final upsampling must land on torchvision's pixels). float64 must
+agree to 1e-10; float32 is judged against the float64 truth (``seg_support.judge``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from seg_support import GRAD_FLOOR, dropout_masks, judge, judge_all, run_torch
+from support import randn, randomise, require_torchvision
+
+import npmnv3
+from npmnv3.nn.segmentation import segmentation_from_state_dict
+
+BUILDERS = {"lraspp": "lraspp_mobilenet_v3_large", "deeplabv3": "deeplabv3_mobilenet_v3_large"}
+DROPOUTS = {"lraspp": (), "deeplabv3": ("classifier.0.project.3", "aux_classifier.3")}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """{kind: (torchvision model, path of its torch.save'd state_dict)}; DeepLabV3 with the
+    aux classifier, as the official checkpoint has it."""
+    tv = require_torchvision()
+    import torch
+
+    out = {}
+    for kind, builder in BUILDERS.items():
+        with torch.random.fork_rng():
+            torch.manual_seed(7)
+            kw = {"aux_loss": True} if kind == "deeplabv3" else {}
+            model = getattr(tv.models.segmentation, builder)(weights=None,
+                                                             weights_backbone=None, **kw)
+        randomise(torch, model, seed=8)
+        path = tmp_path_factory.mktemp("ckpt") / f"{kind}.pth"
+        torch.save(model.state_dict(), path)
+        out[kind] = (model, path)
+    return out
+
+
+def ours_for(path, dtype, training):
+    model = segmentation_from_state_dict(npmnv3.load_pth(path), dtype=dtype)
+    return model.train(training)
+
+
+def compare(kind, checkpoints, dtype, size, training, batch=2):
+    """Everything of ours against torchvision (float64 truth; float32 also torch float32)."""
+    import torch
+
+    tv, path = checkpoints[kind]
+    rng = np.random.default_rng(size[0] * 100 + size[1])
+    x = randn(rng, (batch, 3) + size, np.float64)
+    model = ours_for(path, dtype, training)
+    result, record = model.forward_intermediates(x.astype(dtype))
+    dout = {k: randn(rng, v.shape, np.float64) for k, v in result.items()}
+    dx = model.backward({k: v.astype(dtype) for k, v in dout.items()})
+    masks = dropout_masks(record, DROPOUTS[kind]) if training else None
+    assert training == bool(masks) or kind == "lraspp"
+    truth = run_torch(torch, copy.deepcopy(tv).double().train(training), [x], dout, "",
+                      masks=masks)
+    ref = truth
+    if dtype == np.float32:
+        ref = run_torch(torch, copy.deepcopy(tv).float().train(training), [x.astype(dtype)],
+                        {k: v.astype(dtype) for k, v in dout.items()}, "", masks=masks)
+    f32 = dtype == np.float32
+    worst = {k: judge(k, result[k], ref["out"][k], truth["out"][k] if f32 else None)
+             for k in ref["out"]}
+    names = set(ref["outs"]) - {""}
+    outs = {n: ref["outs"][n] for n in names}
+    worst["modules"] = judge_all("module", record, outs, truth["outs"] if f32 else None)
+    worst["dx"] = judge("dx", dx, ref["dinputs"][0], truth["dinputs"][0] if f32 else None)
+    grads = dict(model.named_grads())
+    assert set(grads) == set(ref["grads"])
+    floor = GRAD_FLOOR * max(np.abs(g).max() for g in truth["grads"].values())
+    worst["grads"] = judge_all("grad", grads, ref["grads"], truth["grads"] if f32 else None,
+                               floor)
+    if training:
+        state = model.state_dict()
+        for k, v in ref["state"].items():
+            if "running" in k:
+                judge(k, state[k], v, truth["state"][k] if f32 else None)
+            elif "num_batches" in k:
+                assert int(state[k]) == int(v), k
+    return worst
+
+
+# (kind, (H, W), batch, dtype): odd and non-square sizes, one below the 16-pixel output stride
+# of the features (its high-level map is 2x2, the ASPP's dilated taps all read padding); float64
+# everywhere the exactness is claimed, float32 at one size per model (its error is rounding).
+EVAL_CASES = [("lraspp", (65, 49), 2, np.float64), ("lraspp", (33, 47), 1, np.float64),
+              ("lraspp", (17, 23), 1, np.float64), ("lraspp", (33, 47), 2, np.float32),
+              ("deeplabv3", (65, 49), 1, np.float64), ("deeplabv3", (17, 23), 2, np.float64),
+              ("deeplabv3", (33, 47), 1, np.float32)]
+
+
+@pytest.mark.parametrize("case", EVAL_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-"
+                                                          f"{np.dtype(c[3]).name}")
+def test_eval_matches_torchvision(checkpoints, case):
+    kind, size, batch, dtype = case
+    compare(kind, checkpoints, dtype, size, training=False, batch=batch)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_train_matches_torchvision(checkpoints, kind, dtype):
+    compare(kind, checkpoints, dtype, (41, 31), training=True)
+
+
+def test_fused_eval_path_equals_recorded_path(checkpoints):
+    """model(x) (BN and ReLU fused, nothing recorded) == forward_intermediates' result."""
+    x = randn(np.random.default_rng(3), (1, 3, 41, 37), np.float32)
+    for kind in BUILDERS:
+        model = ours_for(checkpoints[kind][1], np.float32, False)
+        fast = model(x)
+        slow, _ = model.forward_intermediates(x)
+        for k in fast:
+            judge(f"{kind} {k}", fast[k], slow[k])
+
+
+def test_structure_matches_torchvision(checkpoints):
+    for kind, (tv, _) in checkpoints.items():
+        model = ours_for(checkpoints[kind][1], np.float32, False)
+        assert [k for k, _, _ in model.layout] == list(tv.state_dict())
+        assert model.module_names() == [n for n, _ in tv.named_modules()][1:]
+        assert model.num_parameters() == sum(p.numel() for p in tv.parameters())
+        assert (model.low_pos, model.high_pos) == (4, 16)
+    assert npmnv3.lraspp_mobilenet_v3_large().num_parameters() == 3_221_538
+    assert npmnv3.deeplabv3_mobilenet_v3_large(aux_loss=True).num_parameters() == 11_029_328
+
+
+def test_bad_input_and_state_dict(checkpoints):
+    model = npmnv3.lraspp_mobilenet_v3_large(num_classes=3, dtype=np.float64).eval()
+    with pytest.raises(ValueError, match=r"input must be a non-empty float array of shape "
+                                         r"\(N, 3, H, W\)"):
+        model(np.zeros((1, 4, 8, 8)))
+    with pytest.raises(RuntimeError, match="forward pass first"):
+        model.backward({"out": np.zeros((1, 3, 8, 8))})
+    y = model(np.zeros((1, 3, 8, 8)))
+    with pytest.raises(ValueError, match=r"dout\['out'\] must have shape \(1, 3, 8, 8\)"):
+        model.backward({"out": np.zeros((1, 3, 8, 9))})
+    with pytest.raises(ValueError, match="backward takes a dict with 'out', got"):
+        model.backward(y["out"])
+    sd = npmnv3.load_pth(checkpoints["lraspp"][1])
+    with pytest.raises(ValueError, match="classifier.low_classifier.weight: checkpoint "
+                                         r"\(21, 40, 1, 1\) vs model \(3, 40, 1, 1\)"):
+        model.load_state_dict(sd)
+    with pytest.raises(ValueError, match="not an LR-ASPP or DeepLabV3"):
+        segmentation_from_state_dict({"features.0.0.weight": np.zeros((16, 3, 3, 3))})
+    with pytest.raises(ValueError, match="no auxiliary classifier"):
+        npmnv3.nn.segmentation.SegmentationModel("lraspp", aux_loss=True)
