@@ -5,6 +5,7 @@ a plain NumPy version that reads like the math and a fast version; torch and tor
 reference the tests compare against, never a run-time dependency.
 """
 
+import importlib as _importlib
 import os as _os
 import sys as _sys
 
@@ -20,44 +21,61 @@ if "numpy" not in _sys.modules:
 elif "OPENBLAS_THREAD_TIMEOUT" not in _os.environ:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import kernels  # noqa: E402
-from .data.preprocess import load_image, preprocess, preprocess_segmentation  # noqa: E402
-from .io.convert import convert, load_model, load_npz  # noqa: E402
-from .io.pth import CheckpointError, load_pth  # noqa: E402
-from .nn.model import (  # noqa: E402
-    MobileNetV3,
-    config_path,
-    mobilenet_v3_from_config,
-    mobilenet_v3_large,
-    mobilenet_v3_small,
-)
-from .tools.compare import compare_with_torchvision  # noqa: E402
-from .tools.gradcam import gradcam, save_overlay  # noqa: E402
-from .tools.gradcheck import numerical_gradient, rel_error  # noqa: E402
-from .tools.summary import summary  # noqa: E402
-
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "MobileNetV3", "config_path", "kernels", "load_pth",
-           "mobilenet_v3_from_config", "mobilenet_v3_large", "mobilenet_v3_small",
-           "numerical_gradient", "rel_error", "__version__",
-           "summary", "convert", "load_npz", "load_model", "compare_with_torchvision",
-           "preprocess", "preprocess_segmentation", "load_image",
-           "gradcam", "save_overlay"]
+# The public API, loaded on first use (``import npmnv3`` stays fast; the kernels and their
+# Numba functions load only when something needs them). name -> (module, attribute or None).
+_API = {
+    "kernels": ("npmnv3.kernels", None),
+    "optim": ("npmnv3.optim", None),
+    "train": ("npmnv3.train", None),
+    "weights": ("npmnv3.io.registry", None),
+    "MobileNetV3": ("npmnv3.nn.model", "MobileNetV3"),
+    "MobileNetV3Config": ("npmnv3.nn.config", "MobileNetV3Config"),
+    "no_grad": ("npmnv3.nn.model", "no_grad"),
+    "mobilenet_v3_large": ("npmnv3.nn.builders", "mobilenet_v3_large"),
+    "mobilenet_v3_small": ("npmnv3.nn.builders", "mobilenet_v3_small"),
+    "mobilenet_v3_from_config": ("npmnv3.nn.builders", "mobilenet_v3_from_config"),
+    "config_path": ("npmnv3.nn.builders", "config_path"),
+    "CheckpointError": ("npmnv3.io.pth", "CheckpointError"),
+    "load_pth": ("npmnv3.io.pth", "load_pth"),
+    "QTensor": ("npmnv3.io.pth", "QTensor"),
+    "load_npz": ("npmnv3.io.npz", "load_npz"),
+    "read_weights": ("npmnv3.io.load", "read_weights"),
+    "load_model": ("npmnv3.io.load", "load_model"),
+    "save_weights": ("npmnv3.io.load", "save_weights"),
+    "convert": ("npmnv3.io.convert", "convert"),
+    "load_image": ("npmnv3.data.preprocess", "load_image"),
+    "preprocess": ("npmnv3.data.preprocess", "preprocess"),
+    "preprocess_segmentation": ("npmnv3.data.preprocess", "preprocess_segmentation"),
+    "SegmentationModel": ("npmnv3.nn.segmentation", "SegmentationModel"),
+    "lraspp_mobilenet_v3_large": ("npmnv3.nn.segmentation", "lraspp_mobilenet_v3_large"),
+    "deeplabv3_mobilenet_v3_large": ("npmnv3.nn.segmentation", "deeplabv3_mobilenet_v3_large"),
+    "ImageFolder": ("npmnv3.data.folders", "ImageFolder"),
+    "ArrayDataset": ("npmnv3.data.folders", "ArrayDataset"),
+    "fit": ("npmnv3.train.loop", "fit"),
+    "load_checkpoint": ("npmnv3.train.loop", "load_checkpoint"),
+    "summary": ("npmnv3.tools.summary", "summary"),
+    "compare_with_torchvision": ("npmnv3.tools.compare", "compare_with_torchvision"),
+    "gradcam": ("npmnv3.tools.gradcam", "gradcam"),
+    "save_overlay": ("npmnv3.tools.gradcam", "save_overlay"),
+    "classify": ("npmnv3.tools.classify", "classify"),
+    "load_classifier": ("npmnv3.tools.classify", "load_classifier"),
+    "numerical_gradient": ("npmnv3.tools.gradcheck", "numerical_gradient"),
+    "rel_error": ("npmnv3.tools.gradcheck", "rel_error"),
+}
+__all__ = ["__version__", *_API]
 
-from .io import weights  # noqa: E402
-from .tools.classify import classify, load_classifier  # noqa: E402
 
-__all__ += ["weights", "classify", "load_classifier"]
+def __getattr__(name):
+    if name not in _API:
+        raise AttributeError(f"module 'npmnv3' has no attribute {name!r}")
+    module, attr = _API[name]
+    value = _importlib.import_module(module)
+    value = value if attr is None else getattr(value, attr)
+    globals()[name] = value                         # later lookups skip this function
+    return value
 
-from .nn.segmentation import (  # noqa: E402
-    SegmentationModel,
-    deeplabv3_mobilenet_v3_large,
-    lraspp_mobilenet_v3_large,
-)
 
-__all__ += ["SegmentationModel", "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"]
-
-from .train.loop import ArrayDataset, ImageFolder, fit, load_checkpoint  # noqa: E402
-
-__all__ += ["ArrayDataset", "ImageFolder", "fit", "load_checkpoint"]
+def __dir__():
+    return sorted(__all__)

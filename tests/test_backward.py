@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from support import require_torchvision
+from support import randomise, require_torchvision
 
 import npmnv3
 
@@ -19,18 +19,11 @@ CASES = [("small", {}, (2, 3, 64, 48)), ("large", {}, (2, 3, 40, 56)),
 
 
 def torchvision_twin(arch, kw, dtype):
-    require_torchvision()
+    torchvision = require_torchvision()
     import torch
-    import torchvision
     torch.manual_seed(0)
     tv = getattr(torchvision.models, f"mobilenet_v3_{arch}")(dropout=0.0, **kw)
-    with torch.no_grad():
-        for m in tv.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
+    randomise(torch, tv, seed=0)
     ours = getattr(npmnv3, f"mobilenet_v3_{arch}")(dropout=0.0, dtype=dtype, **kw)
     ours.load_state_dict({k: v.numpy() for k, v in tv.state_dict().items()})
     return torch, (tv.double() if dtype == np.float64 else tv), ours
@@ -50,7 +43,7 @@ def test_gradients_equal_autograd(case, train, dtype):
     out = tv(xt)
     dlogits = rng.standard_normal(out.shape).astype(dtype)
     out.backward(torch.from_numpy(dlogits))
-    logits = ours.forward(x, keep_cache=True)
+    logits = ours(x)                 # eval: the folded engine; backward replays through the blocks
     dx = ours.backward(dlogits)
     ref = {k: p.grad.numpy() for k, p in tv.named_parameters()}
     ours_g = dict(ours.named_grads())
@@ -74,10 +67,10 @@ def test_gradients_accumulate_and_zero_grad():
     model.eval()
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32))
     d = np.random.default_rng(1).standard_normal((2, 5))
-    model.forward(x, keep_cache=True)
+    model(x)
     model.backward(d)
     once = {k: g.copy() for k, g in model.named_grads()}
-    model.forward(x, keep_cache=True)
+    model(x)
     model.backward(d)
     for k, g in model.named_grads():
         np.testing.assert_allclose(g, 2 * once[k], rtol=1e-12, atol=1e-300, err_msg=k)
@@ -107,19 +100,22 @@ def test_backward_without_input_gradient(impl):
 
 @pytest.mark.parametrize("impl", ["fast", "naive"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_fused_bn_act_changes_no_number(train, impl):
-    """fuse_bn_act (the default) and separate BN / activation kernels: bitwise the same logits,
-    gradients and running statistics."""
+def test_recording_changes_no_number(train, impl):
+    """forward_intermediates runs the same kernels as forward's reference path: bitwise the
+    same logits, gradients and running statistics, with every module's output recorded."""
     results = []
-    for fuse in (True, False):
+    for record in (False, True):
         model = npmnv3.mobilenet_v3_large(width_mult=0.5, num_classes=7, seed=1, dropout=0.0)
-        model.impl, model.fuse_bn_act = impl, fuse
+        model.impl = "naive" if impl == "naive" else "fast"
         model.train(train)
         x = np.random.default_rng(0).standard_normal((2, 3, 41, 35)).astype(np.float32)
         d = np.random.default_rng(1).standard_normal((2, 7)).astype(np.float32)
-        logits = model.forward(x, keep_cache=True)
-        kinds = {kind for kind, _, _ in model._tape}
-        assert ("bnact" in kinds) == fuse and ("bn" in kinds) != fuse
+        if record:
+            logits, outs = model.forward_intermediates(x)
+            assert set(outs) == set(model.module_names()), "a module output is not recorded"
+            np.testing.assert_array_equal(outs["classifier"], logits)
+        else:                     # the blocks as forward runs them (in eval too, not the engine)
+            logits, model._trace = model._forward_blocks(x, model._ctx())
         dx = model.backward(d)
         results.append((logits, dx, dict(model.named_grads()), model.state_dict()))
     (l1, dx1, g1, s1), (l2, dx2, g2, s2) = results
@@ -131,15 +127,26 @@ def test_fused_bn_act_changes_no_number(train, impl):
         np.testing.assert_array_equal(s1[k], s2[k], err_msg=k)
 
 
-def test_backward_errors():
+def test_backward_errors_and_no_grad():
     model = npmnv3.mobilenet_v3_small(width_mult=0.5, num_classes=5).eval()
     x = np.zeros((1, 3, 32, 32), np.float32)
-    model(x)                                   # fused eval path: nothing cached
-    with pytest.raises(RuntimeError, match="keep_cache=True"):
+    with pytest.raises(RuntimeError, match="backward needs the forward it follows"):
+        model.backward(np.zeros((1, 5), np.float32))          # no forward yet
+    with npmnv3.no_grad():
+        model(x)                                              # keeps nothing
+    with pytest.raises(RuntimeError, match="no_grad"):
         model.backward(np.zeros((1, 5), np.float32))
-    model.forward(x, keep_cache=True)
-    with pytest.raises(ValueError, match=r"dlogits must have shape \(1, 5\)"):
+    model(x)
+    with pytest.raises(ValueError, match=r"dlogits must have the logits' shape \(1, 5\)"):
         model.backward(np.zeros((2, 5), np.float32))
-    model.backward(np.zeros((1, 5), np.float32))
-    with pytest.raises(RuntimeError, match="forward"):   # the cache is used up
+    model(x)
+    assert model.backward(np.zeros((1, 5), np.float32)).shape == x.shape
+    with pytest.raises(RuntimeError, match="releases"):       # one backward per forward
         model.backward(np.zeros((1, 5), np.float32))
+    model(x)
+    model.train()                                            # a change of state drops it
+    with pytest.raises(RuntimeError, match="forward"):
+        model.backward(np.zeros((1, 5), np.float32))
+    with pytest.raises(ValueError, match="capture"):
+        model(np.zeros((2, 3, 32, 32), np.float32))
+        model.backward(np.zeros((2, 5), np.float32), capture={"features.3.block.0"})

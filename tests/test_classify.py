@@ -189,7 +189,7 @@ def test_weights_options(tv_small, capsys, tmp_path, monkeypatch):
     _, ckpt = tv_small
     code, _, err = run_cli(capsys, PHOTOS[0], "--weights", ckpt, "--model", "large")
     assert code == 1 and err.count("\n") == 1
-    assert "--model large given, but" in err and "mobilenet_v3_small weights" in err
+    assert "--model large given, but" in err and "mobilenet_v3_small() weights" in err
     code, _, err = run_cli(capsys, PHOTOS[0], "--weights", tmp_path / "nope.pth")
     assert code == 1 and "no such file; --weights takes a .pth/.npz file or one of" in err
     code, _, err = run_cli(capsys, PHOTOS[0], "--weights", ckpt, "--topk", 0)
@@ -215,8 +215,9 @@ def test_preprocessing_follows_the_registry_weights(tv_small, tmp_path, monkeypa
     (hub / e.file_name).write_bytes(data)
     monkeypatch.setitem(W.REGISTRY, e.name, e)
     clf = load_classifier(weights="test-232")
-    assert (clf.resize_size, clf.crop_size, clf.source) == (232, 224, "test-232")
-    assert load_classifier(weights=ckpt).resize_size == 256            # not an official file
+    prep = clf.preprocessing
+    assert (prep["resize_size"], prep["crop_size"], clf.source) == (232, 224, "test-232")
+    assert load_classifier(weights=ckpt).preprocessing["resize_size"] == 256   # not official
     assert W.get("large-v2").resize_size == 232
     x = npmnv3.preprocess(PHOTOS[0], 232, 224)
     expected = clf.predict(x[None], 5)[0]

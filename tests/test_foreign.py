@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import RTOL32, RTOL64, randomise, require_torch, require_torchvision
+from support import RTOL32, RTOL64, randomise, require_timm, require_torch, require_torchvision
 
 import npmnv3
-from npmnv3.io.convert import META_KEY, build_model, convert, load_model, load_npz, read_weights
+from npmnv3.io.convert import convert
 from npmnv3.io.foreign import (
     BN_EPS,
     SOURCES,
@@ -27,8 +27,11 @@ from npmnv3.io.foreign import (
     stage_positions,
     to_torchvision,
 )
+from npmnv3.io.load import load_model, read_weights
+from npmnv3.io.npz import META_KEY, load_npz
 from npmnv3.io.pth import CheckpointError
 from npmnv3.nn.arch import load_stage_params, preset_spec
+from npmnv3.nn.config import MobileNetV3Config
 from npmnv3.tools.gradcheck import rel_error
 
 # The key maps recorded from timm and netspresso-trainer themselves (the project's reference
@@ -36,19 +39,6 @@ from npmnv3.tools.gradcheck import rel_error
 KEYMAPS = Path(__file__).resolve().parent / "data" / "keymaps"
 TIMM_NAMES = {"large": "mobilenetv3_large_100", "small": "mobilenetv3_small_100"}
 N_KEYS = {"large": 312, "small": 244}
-
-
-def require_timm():
-    """Import timm (and torch): skip without it, but fail in CI (CI=true)."""
-    require_torch()
-    try:
-        import timm
-    except ImportError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("timm is required for the reference tests when CI=true "
-                        "(pip install -e '.[test]')")
-        pytest.skip("timm is not installed: timm reference tests skipped")
-    return timm
 
 
 def tv_state_dict(arch: str, seed: int = 0) -> dict[str, np.ndarray]:
@@ -149,8 +139,7 @@ def test_round_trip_gives_torchvision_keys_and_values(source, arch):
     back, info = to_torchvision(foreign)                            # source recognised
     assert_same(back, tv_sd)
     assert info == {"source": source, "bn_eps": BN_EPS[source], "tensors": N_KEYS[arch],
-                    "arch": {"arch": arch, "width_mult": 1.0, "reduced_tail": False,
-                             "num_classes": 1000}}
+                    "config": MobileNetV3Config(arch)}
     assert to_torchvision(foreign, source)[0].keys() == tv_sd.keys()
     nbt = {k: v for k, v in foreign.items() if not k.endswith("num_batches_tracked")}
     back, _ = to_torchvision(nbt)                                   # older checkpoints
@@ -175,8 +164,8 @@ def test_other_variants_and_netspresso_regrouped_stages():
     for source in SOURCES:
         back, info = to_torchvision(from_torchvision(sd, source))
         assert_same(back, sd)
-        assert info["arch"] == {"arch": "large", "width_mult": 0.75, "reduced_tail": True,
-                                "num_classes": 10}
+        assert info["config"] == MobileNetV3Config("large", width_mult=0.75, reduced_tail=True,
+                                                   num_classes=10)
     # netspresso-trainer with the same 15 blocks in two stages of 7 and 8 (a user config)
     spec = preset_spec("large")
     pos = [(0, i) for i in range(7)] + [(1, i) for i in range(9)]
@@ -243,7 +232,9 @@ def test_convert_records_source_and_eps(source, tmp_path):
     model = load_model(tmp_path / "f.npz")
     assert model.bn_eps == BN_EPS[source] and not model.training
     assert load_model(src).bn_eps == BN_EPS[source]            # the .pth directly
-    assert read_weights(src)[2] == {"source_format": source, "bn_eps": BN_EPS[source]}
+    w = read_weights(src)
+    assert (w.source_format, w.bn_eps, w.config) == (source, BN_EPS[source],
+                                                     MobileNetV3Config("small"))
     meta = convert(src, tmp_path / "g.npz", source=source, bn_eps=1e-5)   # given explicitly
     assert meta["source_format"] == source and meta["bn_eps"] == 1e-5
     assert load_model(tmp_path / "g.npz", dtype=np.float64).bn_eps == 1e-5
@@ -259,7 +250,7 @@ def test_convert_foreign_errors_leave_no_file(tmp_path):
                                               r"backbone\.stages\.2\.1\.block\.2\.fc1\.bias"):
         convert(src, tmp_path / "p.npz")
     tv = save_torch(torch, tv_sd, tmp_path / "tv.pth")
-    with pytest.raises(CheckpointError, match="not a complete timm"):
+    with pytest.raises(CheckpointError, match="the keys are torchvision's, not timm's"):
         convert(tv, tmp_path / "p.npz", source="timm")
     with pytest.raises(ValueError, match="source must be one of"):
         convert(tv, tmp_path / "p.npz", source="tf")
@@ -271,14 +262,17 @@ def test_convert_foreign_errors_leave_no_file(tmp_path):
 
 
 def test_npz_without_eps_entries_reads_as_torchvision(tmp_path):
-    """Files written before source_format/bn_eps existed (format version 1 all the same)."""
+    """Format version 1 files, some written before source_format/bn_eps existed: no
+    classes, preprocessing or arch.dropout either."""
     torch = require_torch()
     convert(save_torch(torch, tv_state_dict("small"), tmp_path / "a.pth"), tmp_path / "a.npz")
     with np.load(tmp_path / "a.npz", allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     meta = json.loads(arrays.pop(META_KEY).tobytes())
-    for k in ("source_format", "bn_eps"):
+    for k in ("source_format", "bn_eps", "classes", "preprocessing"):
         del meta[k]
+    del meta["arch"]["dropout"]
+    meta["format_version"] = 1
     np.savez(tmp_path / "old.npz", **arrays,
              **{META_KEY: np.frombuffer(json.dumps(meta).encode(), np.uint8)})
     _, meta = load_npz(tmp_path / "old.npz")
@@ -338,7 +332,7 @@ def test_timm_checkpoint_gives_timm_logits(arch, tmp_path):
         print(f"timm {arch} {np.dtype(dtype).name}: fused rel. error {err:.2e}")
         assert ours.dtype == dtype and err <= tol, (arch, dtype, err)
         if dtype == np.float64:                                           # reference path too
-            ours = model.forward(x, keep_cache=True)
+            ours = model.forward_intermediates(x)[0]
             err = rel_error(ours, ref)
             print(f"timm {arch} float64: reference path rel. error {err:.2e}")
             assert err <= tol, (arch, "reference path", err)
@@ -348,9 +342,35 @@ def test_timm_checkpoint_gives_timm_logits(arch, tmp_path):
           f"{rel_error(ref32, ref):.2e}")
     assert err32 <= RTOL32
     # with torchvision's eps the logits are measurably off: eps matters for these weights
-    wrong = build_model(meta["arch"], dtype=np.float64)
+    wrong = npmnv3.MobileNetV3(MobileNetV3Config.from_dict(meta["arch"]), dtype=np.float64)
     wrong.load_state_dict(load_npz(tmp_path / "t.npz")[0])
     assert rel_error(wrong.eval()(x), ref) > 1e3 * RTOL64
+
+
+def test_finetuned_timm_weights_reload_with_their_eps(tmp_path):
+    """timm-converted -> one SGD step -> save_weights -> load_model: the eps (1e-5) travels with
+    the weights, so the reloaded model's float64 logits equal the fine-tuned model's exactly
+    (with torchvision's 1e-3 they would not)."""
+    torch, timm = require_torch(), require_timm()
+    torch.manual_seed(0)
+    tm = calibrate(torch, timm.create_model(TIMM_NAMES["small"], pretrained=False), seed=2)
+    src = tmp_path / "timm.pth"
+    torch.save(tm.state_dict(), src)
+    model = load_model(src, dtype=np.float64).train()
+    assert model.bn_eps == 1e-5
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 3, 64, 64))
+    loss, cache = npmnv3.kernels.cross_entropy_forward(model(x), np.array([1, 5, 7, 1]))
+    model.backward(npmnv3.kernels.cross_entropy_backward(1.0, cache))
+    npmnv3.optim.SGD(model, lr=0.1, momentum=0.9).step()
+    before = model.eval()(x)
+    npmnv3.save_weights(tmp_path / "ft.npz", model)
+    again = load_model(tmp_path / "ft.npz", dtype=np.float64)
+    assert again.bn_eps == 1e-5 and again.config == model.config
+    np.testing.assert_array_equal(again(x), before)
+    wrong = npmnv3.MobileNetV3(again.config, dtype=np.float64)
+    wrong.load_state_dict(again.state_dict())
+    assert rel_error(wrong.eval()(x), before) > 1e3 * RTOL64
 
 
 def test_mmpretrain_checkpoint_gives_torchvision_logits(tmp_path):

@@ -17,7 +17,7 @@ from test_weights import TIMEOUT, isolated, leftovers, server  # noqa: F401  (fi
 import npmnv3
 from npmnv3.data.preprocess import preprocess_segmentation
 from npmnv3.io import seg_registry as W
-from npmnv3.io.weights import DownloadError, WeightsError
+from npmnv3.io.registry import DownloadError, WeightsError
 
 DATA = Path(__file__).parent / "data"
 PHOTOS = ["astronaut.jpg", "coffee.jpg", "chelsea_exif6.jpg"]

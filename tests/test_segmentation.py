@@ -137,9 +137,11 @@ def test_structure_matches_torchvision(checkpoints):
 
 def test_bad_input_and_state_dict(checkpoints):
     model = npmnv3.lraspp_mobilenet_v3_large(num_classes=3, dtype=np.float64).eval()
-    with pytest.raises(ValueError, match=r"input must be a non-empty float array of shape "
-                                         r"\(N, 3, H, W\)"):
+    with pytest.raises(ValueError, match=r"input must be a non-empty array of shape "
+                                         r"\(N, 3, H, W\), got shape \(1, 4, 8, 8\)"):
         model(np.zeros((1, 4, 8, 8)))
+    with pytest.raises(ValueError, match="input is float32 .* but the model is float64"):
+        model(np.zeros((1, 3, 8, 8), np.float32))
     with pytest.raises(RuntimeError, match="forward pass first"):
         model.backward({"out": np.zeros((1, 3, 8, 8))})
     y = model(np.zeros((1, 3, 8, 8)))

@@ -21,8 +21,11 @@ from support import require_torch, require_torchvision
 
 import npmnv3
 from npmnv3.cli import main
-from npmnv3.io.convert import FORMAT_VERSION, META_KEY, convert, load_model, load_npz
+from npmnv3.io.convert import convert
+from npmnv3.io.load import load_model
+from npmnv3.io.npz import FORMAT_VERSION, META_KEY, load_npz
 from npmnv3.io.pth import CheckpointError, load_pth
+from npmnv3.nn.config import MobileNetV3Config
 from npmnv3.tools.compare import (
     compare_with_torchvision,
     first_failure,
@@ -160,9 +163,11 @@ def test_convert_round_trip(small_pth, tmp_path):
     sd, meta2 = load_npz(dst)
     assert_same_state_dict(sd, ref)
     assert meta2 == meta
-    assert meta["format_version"] == FORMAT_VERSION == 1
-    assert meta["arch"] == {"arch": "small", "width_mult": 1.0, "reduced_tail": False,
-                            "dilated": None, "num_classes": 1000}
+    assert meta["format_version"] == FORMAT_VERSION == 2
+    assert meta["arch"] == MobileNetV3Config("small").to_dict() == {
+        "arch": "small", "width_mult": 1.0, "reduced_tail": False, "dilated": False,
+        "num_classes": 1000, "dropout": 0.2}
+    assert meta["classes"] is None and meta["preprocessing"] is None
     assert meta["source_name"] == small_pth.name
     assert meta["source_sha256"] == hashlib.sha256(small_pth.read_bytes()).hexdigest()
     assert meta["source_bytes"] == small_pth.stat().st_size
@@ -181,7 +186,7 @@ def test_load_model_from_npz_and_pth(small_pth, tmp_path):
     convert(small_pth, dst, arch={"dilated": True})
     assert load_npz(dst)[1]["arch"]["dilated"] is True
     from_npz, from_pth = load_model(dst), load_model(small_pth)
-    assert not from_npz.training and from_npz.arch["dilated"] and not from_pth.arch["dilated"]
+    assert not from_npz.training and from_npz.config.dilated and not from_pth.config.dilated
     assert_same_state_dict(from_npz.state_dict(), from_pth.state_dict())
     assert_same_state_dict(from_pth.state_dict(), load_pth(small_pth))
     assert load_model(dst, dtype=np.float64).dtype == np.float64
@@ -193,8 +198,8 @@ def test_convert_infers_other_variants(tmp_path):
                             "num_classes": 10})
     torch.save(tv.state_dict(), tmp_path / "l.pth")
     meta = convert(tmp_path / "l.pth", tmp_path / "l.npz")
-    assert meta["arch"] == {"arch": "large", "width_mult": 0.75, "reduced_tail": True,
-                            "dilated": None, "num_classes": 10}
+    assert MobileNetV3Config.from_dict(meta["arch"]) == MobileNetV3Config(
+        "large", width_mult=0.75, reduced_tail=True, num_classes=10)
 
 
 def test_convert_with_wrong_arch_names_the_right_one(small_pth, tmp_path):
@@ -235,7 +240,7 @@ def test_convert_refuses_non_checkpoints(tmp_path):
     (tmp_path / "notes.pth").write_text("not a checkpoint\n")
     with pytest.raises(CheckpointError, match="no such file"):
         convert(tmp_path / "missing.pth", tmp_path / "a.npz")
-    with pytest.raises(CheckpointError, match="not a torch checkpoint"):
+    with pytest.raises(CheckpointError, match=r"not a checkpoint: neither a PyTorch \.pth"):
         convert(tmp_path / "notes.pth", tmp_path / "a.npz")
     with pytest.raises(CheckpointError, match="not a regular file"):
         convert(tmp_path, tmp_path / "a.npz")
@@ -252,9 +257,9 @@ def test_convert_refuses_other_models(tmp_path, what):
     else:
         sd = {}
     torch.save(sd, tmp_path / "other.pth")
-    with pytest.raises(CheckpointError, match="not a torchvision MobileNetV3 checkpoint"):
+    with pytest.raises(CheckpointError, match="not a MobileNetV3 checkpoint"):
         convert(tmp_path / "other.pth", tmp_path / "other.npz")
-    with pytest.raises(CheckpointError, match="not a torchvision MobileNetV3 checkpoint"):
+    with pytest.raises(CheckpointError, match="not a MobileNetV3 checkpoint"):
         load_model(tmp_path / "other.pth")
     assert os.listdir(tmp_path) == ["other.pth"]
 
@@ -268,8 +273,8 @@ def test_load_npz_refuses_bad_files(tmp_path):
     np.savez(tmp_path / "plain.npz", w=np.zeros(3))
     with pytest.raises(CheckpointError, match=f"no {META_KEY} entry"):
         load_npz(tmp_path / "plain.npz")
-    with pytest.raises(CheckpointError, match=f"no {META_KEY} entry"):
-        load_model(tmp_path / "plain.npz")
+    with pytest.raises(CheckpointError, match="not a MobileNetV3 checkpoint"):
+        load_model(tmp_path / "plain.npz")     # read as a state_dict of arrays: no match
     np.savez(tmp_path / "pickled.npz", w=np.array([{"a": 1}], dtype=object))
     with pytest.raises(CheckpointError, match="not a readable .npz"):
         load_npz(tmp_path / "pickled.npz")
@@ -355,7 +360,7 @@ def test_cli_convert_and_errors(small_pth, tmp_path):
     dst = tmp_path / "out.npz"
     res = run_cli("convert", str(small_pth), str(dst))
     assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith(f"wrote {dst}: mobilenet_v3_small(width_mult=1.0")
+    assert res.stdout.startswith(f"wrote {dst}: mobilenet_v3_small(), 2,542,856 parameters")
     assert hashlib.sha256(small_pth.read_bytes()).hexdigest() in res.stdout
     assert_same_state_dict(load_npz(dst)[0], load_pth(small_pth))
     (tmp_path / "junk.pth").write_bytes(b"junk")

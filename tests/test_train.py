@@ -23,7 +23,8 @@ from npmnv3.data.folders import (
     to_normalized_array,
 )
 from npmnv3.data.preprocess import preprocess
-from npmnv3.train import fit, load_checkpoint, main
+from npmnv3.train import fit, load_checkpoint
+from npmnv3.train.cli import main
 
 # The CI digits run (4 epochs, all 1437 training images, width 0.25, 32x32) reaches 0.836
 # held-out accuracy with seed 0 (0.83-0.87 over seeds 0-2); chance is 0.10. 0.6 leaves margin
@@ -180,11 +181,11 @@ def test_train_and_eval_transforms_match_torchvision():
 # ----------------------------------------------------------------------------- model surgery
 
 
-def test_reset_classifier_updates_spec_arch_layout():
+def test_reset_classifier_updates_spec_config_layout():
     model = tiny(num_classes=5)
     before = {k: v.copy() for k, v in model.state_dict().items()}
     assert model.reset_classifier(7, rng=1) is model
-    assert model.spec.num_classes == 7 and model.arch["num_classes"] == 7
+    assert model.spec.num_classes == 7 and model.config.num_classes == 7
     assert model.head.num_classes == 7
     fresh = tiny(num_classes=7)
     assert [(k, tuple(s)) for k, s, _ in model.layout] == [(k, tuple(s)) for k, s, _ in
@@ -275,7 +276,7 @@ def test_resume_from_another_architecture_is_refused(tmp_path):
     with pytest.raises(ValueError, match="optimizer 'sgd', not 'rmsprop'"):
         fit(tiny(), train, epochs=2, batch_size=4, optimizer="rmsprop", resume=ckpt,
             progress=False)
-    with pytest.raises(ValueError, match="not an npmnv3 training checkpoint.*weights only"):
+    with pytest.raises(ValueError, match="holds weights only, not a training checkpoint"):
         fit(tiny(), train, epochs=2, batch_size=4, resume=tmp_path / "a" / "model.npz",
             progress=False)
 
@@ -312,7 +313,7 @@ def test_frozen_backbone_backward_equals_the_full_backward(dtype):
     d = rng.standard_normal((3, model.spec.num_classes)).astype(dtype)
     last = model.features[-1].name
     model.eval()
-    full = model.forward(x, keep_cache=True)
+    full = model(x)                          # eval: backward replays it through the blocks
     model.backward(d, capture=(last,))
     ref = {k: model.grads[k] for k in HEAD}
     dfeat_ref = model.captured_grads[last]
@@ -345,7 +346,7 @@ def test_cli_trains_writes_checkpoint_and_plot(tmp_path, capsys):
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ck = load_checkpoint(out / "checkpoint.npz")
     assert ck["meta"]["epoch"] == 2 and ck["meta"]["classes"] == ["c0", "c1", "c2"]
-    assert ck["meta"]["arch"]["num_classes"] == 3 and len(ck["meta"]["history"]["lr"]) == 2
+    assert ck["meta"]["arch"].num_classes == 3 and len(ck["meta"]["history"]["lr"]) == 2
     model = npmnv3.load_model(out / "model.npz")                # convert's weights format
     for k, v in ck["model"].items():
         np.testing.assert_array_equal(model.state_dict()[k], v, err_msg=k)
@@ -365,7 +366,7 @@ def test_cli_errors_are_one_line_exit_1(tmp_path, capsys):
              (["--model", "tiny"], "invalid choice"),
              (["--model", "small", "--data", str(tmp_path / "nope")], "no such directory"),
              (["--model", "small", "--resume", str(tmp_path / "nope.npz")],
-              "no such checkpoint"),
+              "nope.npz: no such file"),
              (["--model", "small", "--val-fraction", "0.1"], "leaves no validation image"),
              (["--weights", str(tmp_path / "w.npz")], "no such file")]
     for extra, msg in cases:

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import require_torchvision
+from support import randomise, require_torchvision
 
 from npmnv3 import weights as W
 from npmnv3.cli import main
-from npmnv3.io.convert import META_KEY, convert, load_npz
+from npmnv3.io.convert import convert
+from npmnv3.io.npz import META_KEY, load_npz
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0          # seconds: a test request to 127.0.0.1 never takes this long
@@ -44,13 +45,7 @@ def checkpoint(tmp_path_factory):
 
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v3_small()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
+    randomise(torch, model, seed=0)
     path = tmp_path_factory.mktemp("ckpt") / "random_small.pth"
     torch.save(model.state_dict(), path)
     data = path.read_bytes()
@@ -328,7 +323,7 @@ def test_official_file_given_by_path_is_verified_but_kept(entry, checkpoint, tmp
     assert load_classifier(weights=pth).source == str(pth)
     npz = tmp_path / "mine.npz"                                 # converted from it: also checked
     convert(pth, npz)
-    assert load_classifier(weights=npz).resize_size == entry.resize_size
+    assert load_classifier(weights=npz).preprocessing == entry.preprocessing
     sd, meta = load_npz(npz)
     meta["source_sha256"] = "f" * 64
     np.savez(npz, **sd, **{META_KEY: np.frombuffer(json.dumps(meta).encode(), np.uint8)})

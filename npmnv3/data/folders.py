@@ -20,15 +20,15 @@ the crops, the flips (and, in ``npmnv3.train.fit``, dropout).
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .preprocess import load_image, normalize, preprocess
+from .images import IMAGE_EXTENSIONS, image_files
+from .preprocess import imagenet_preprocessing, load_image, normalize, preprocess
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
 def to_normalized_array(image: Image.Image) -> np.ndarray:
     """RGB image (H, W) -> float32 (3, H, W): uint8 / 255, then (x - mean) / std per channel."""
     return normalize(np.asarray(image, dtype=np.uint8))
@@ -86,6 +86,12 @@ class TrainTransform:
             raise ValueError(f"hflip must be a probability, got {hflip}")
         self.size, self.scale, self.ratio, self.hflip = size, tuple(scale), tuple(ratio), hflip
 
+    @property
+    def preprocessing(self) -> dict:
+        """How to prepare an image for a model trained with this transform (at test time):
+        torchvision's evaluation preset at this size."""
+        return imagenet_preprocessing(None, self.size)
+
     def __call__(self, image: Image.Image, rng) -> np.ndarray:
         top, left, h, w = random_resized_crop_params(*image.size, self.scale, self.ratio, rng)
         x = to_normalized_array(resized_crop(image, top, left, h, w, self.size))  # (3, S, S)
@@ -105,8 +111,13 @@ class EvalTransform:
         self.size = int(size)
         self.resize_size = int(round(size * 256 / 224)) if resize_size is None else resize_size
 
+    @property
+    def preprocessing(self) -> dict:
+        """This transform as a preprocessing record (``npmnv3.preprocess(image, **record)``)."""
+        return imagenet_preprocessing(self.resize_size, self.size)
+
     def __call__(self, image: Image.Image, rng=None) -> np.ndarray:
-        return preprocess(image, self.resize_size, self.size, exif_transpose=False)
+        return preprocess(image, exif_transpose=False, **self.preprocessing)
 
     def __repr__(self):
         return f"EvalTransform(size={self.size}, resize_size={self.resize_size})"
@@ -151,7 +162,7 @@ class ImageFolder:
     """
 
     def __init__(self, root, *, transform=None, classes=None, exclude=(), verify=True,
-                 extensions=IMG_EXTENSIONS):
+                 extensions=IMAGE_EXTENSIONS):
         self.root = Path(root)
         self.classes = _scan_classes(self.root, classes, set(exclude))
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
@@ -162,7 +173,7 @@ class ImageFolder:
             folder = self.root / c
             if not folder.is_dir():             # only possible with an imposed class list
                 continue
-            files = [p for p in _walk(folder) if p.lower().endswith(tuple(extensions))]
+            files = image_files(folder, extensions)
             bad = {p: r for p in files if verify and (r := _check_image(p)) is not None}
             self.skipped.extend(bad.items())
             good = [(p, self.class_to_idx[c]) for p in files if p not in bad]
@@ -171,7 +182,7 @@ class ImageFolder:
             samples.extend(good)
         if empty:
             raise ValueError(f"{self.root}: class folder(s) without a readable image "
-                             f"({', '.join(IMG_EXTENSIONS)}): {', '.join(empty)}")
+                             f"({', '.join(IMAGE_EXTENSIONS)}): {', '.join(empty)}")
         self.samples = samples
         self.targets = np.array([t for _, t in samples], dtype=np.int64)
 
@@ -228,15 +239,6 @@ class ImageFolder:
                 ys.append(label)
             if xs:
                 yield np.stack(xs), np.array(ys, dtype=np.int64)
-
-
-def _walk(folder: Path) -> list[str]:
-    """Every file under ``folder`` (following links), sorted, hidden files left out."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
-    return out
 
 
 class ArrayDataset:

@@ -3,7 +3,8 @@
 ``preprocess(image)`` gives what ``MobileNet_V3_Large_Weights.IMAGENET1K_V1.transforms()``
 (torchvision's ``ImageClassification(crop_size=224, resize_size=256)`` preset; V2 uses
 ``resize_size=232``) gives on the RGB PIL image ``load_image(image)``, with Pillow and NumPy only
-(REFERENCE.md §2.4). The steps, each the call torchvision makes for a PIL image:
+(``torchvision/transforms/_presets.py``, ``ImageClassification``). The steps, each the call
+torchvision makes for a PIL image:
 
 1. resize: the shorter side becomes ``resize_size``, the longer ``int(resize_size * long /
    short)``, with ``PIL.Image.resize(size, Image.BILINEAR)`` (Pillow's bilinear filter, whose
@@ -56,11 +57,21 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_image", "normalize", "preprocess",
-           "preprocess_segmentation", "resize_shorter", "to_rgb"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "imagenet_preprocessing", "load_image", "normalize",
+           "preprocess", "preprocess_segmentation", "resize_shorter", "to_rgb"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)       # torchvision transforms/_presets.py ImageClassification
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_preprocessing(resize_size: int = 256, crop_size: int = 224) -> dict:
+    """The preprocessing record stored with weights (``npz.py``'s ``preprocessing``):
+    torchvision's ``ImageClassification(crop_size, resize_size)``, ImageNet mean and std.
+    ``resize_size=None`` takes torchvision's ratio, ``round(crop_size * 256 / 224)``."""
+    crop_size = _check_size("crop_size", crop_size)
+    resize_size = round(crop_size * 256 / 224) if resize_size is None else resize_size
+    return {"resize_size": _check_size("resize_size", resize_size), "crop_size": crop_size,
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 
 _ORIENTATION = 0x0112                                   # EXIF tag
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -220,8 +231,8 @@ def _check_size(name, value) -> int:
     return int(value)
 
 
-def preprocess(image, resize_size: int = 256, crop_size: int = 224, *,
-               exif_transpose: bool = True) -> np.ndarray:
+def preprocess(image, resize_size: int = 256, crop_size: int = 224, *, mean=IMAGENET_MEAN,
+               std=IMAGENET_STD, exif_transpose: bool = True) -> np.ndarray:
     """torchvision's ImageNet evaluation preset, in Pillow and NumPy: float32 (3, crop, crop).
 
     ``image``: a path (str or ``os.PathLike``) or a ``PIL.Image.Image`` of any mode; it is
@@ -229,8 +240,10 @@ def preprocess(image, resize_size: int = 256, crop_size: int = 224, *,
     shorter side is ``resize_size`` (256 for the V1 weights and MobileNetV3-Small, 232 for
     ``MobileNet_V3_Large_Weights.IMAGENET1K_V2``), center-cropped to ``crop_size`` (zero padding
     where the resized image is smaller), scaled to [0, 1] and normalised with the ImageNet mean
-    and std. Equal to ``weights.transforms()(load_image(image))`` (see the module docstring).
-    Add a batch axis with ``x[None]`` before a model call.
+    and std (or the ``mean`` / ``std`` given). Equal to ``weights.transforms()(load_image(image))``
+    (see the module docstring). Add a batch axis with ``x[None]`` before a model call. The
+    keyword arguments are those of a ``preprocessing`` record (``imagenet_preprocessing``), so
+    ``preprocess(image, **weights.preprocessing)`` prepares an image as the weights expect.
     """
     resize_size = _check_size("resize_size", resize_size)
     crop_size = _check_size("crop_size", crop_size)
@@ -257,7 +270,7 @@ def preprocess(image, resize_size: int = 256, crop_size: int = 224, *,
     pixels = pixels[top:top + crop_size, left:left + crop_size]
 
     # 3. To float in [0, 1] and normalise, in float32 as torch does.
-    return normalize(pixels)
+    return normalize(pixels, mean, std)
 
 
 def resize_shorter(image: Image.Image, size: int) -> Image.Image:
@@ -288,13 +301,13 @@ def preprocess_segmentation(image, resize_size: int = 520, *,
     return normalize(np.asarray(resize_shorter(_to_8bit(image), resize_size)))
 
 
-def normalize(pixels) -> np.ndarray:
+def normalize(pixels, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
     """uint8 pixels (H, W, 3) or gray (H, W) -> float32 (3, H, W): ``/ 255``, then
-    ``(x - mean) / std`` per channel with the ImageNet mean and std, in float32 as torch does."""
+    ``(x - mean) / std`` per channel (default ImageNet's), in float32 as torch does."""
     pixels = np.asarray(pixels)
     if pixels.ndim == 2:                                # gray: the same values in R, G and B
         pixels = np.broadcast_to(pixels[:, :, None], pixels.shape + (3,))
     x = pixels.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
-    x -= np.asarray(IMAGENET_MEAN, np.float32).reshape(3, 1, 1)
-    x /= np.asarray(IMAGENET_STD, np.float32).reshape(3, 1, 1)
+    x -= np.asarray(mean, np.float32).reshape(3, 1, 1)
+    x /= np.asarray(std, np.float32).reshape(3, 1, 1)
     return np.ascontiguousarray(x)

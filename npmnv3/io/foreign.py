@@ -3,7 +3,7 @@
 ``to_torchvision(sd, source=None)`` maps a timm, mmpretrain or netspresso-trainer state_dict to
 torchvision's names (``features.*``, ``classifier.*``) and returns ``(state_dict, info)``;
 ``from_torchvision`` goes the other way. Nothing is listed by hand: the maps are derived from
-the module tree of ``npmnv3.layers`` (which blocks have an expand conv or SE, how many blocks
+the module tree of ``npmnv3.nn.modules`` (which blocks have an expand conv or SE, how many blocks
 there are) by each library's naming rules:
 
 timm (``mobilenetv3_large_100`` / ``mobilenetv3_small_100``, ``timm/models/mobilenetv3.py``)
@@ -48,7 +48,8 @@ import re
 
 import numpy as np
 
-from ..nn.arch import NetSpec, preset_spec
+from ..nn.arch import NetSpec
+from ..nn.config import known_variants
 from ..nn.modules import (
     ConvBNAct,
     InvertedResidual,
@@ -56,7 +57,7 @@ from ..nn.modules import (
     build_modules,
     state_dict_layout,
 )
-from .statedict import WIDTHS, foreign_style, infer_arch
+from .statedict import foreign_style, infer_config
 
 SOURCES = ("timm", "mmpretrain", "netspresso-trainer")
 BN_EPS = {"torchvision": 1e-3, "timm": 1e-5, "mmpretrain": 1e-3, "netspresso-trainer": 1e-3}
@@ -172,10 +173,8 @@ def _unwrap(sd):
 def _candidate_specs():
     """Specs of every torchvision builder variant (the keys depend on which blocks have an
     expand conv or SE and on the block count; widths can change the former)."""
-    for arch in ("large", "small"):
-        for reduced in (False, True):
-            for width in WIDTHS:
-                yield preset_spec(arch, width_mult=width, reduced_tail=reduced)
+    for config in known_variants():
+        yield config.spec()
 
 
 def _positions_from_keys(source, keys, n):
@@ -233,8 +232,8 @@ def to_torchvision(sd: dict, source: str | None = None) -> tuple[dict, dict]:
     ``source``: "timm" | "mmpretrain" | "netspresso-trainer", or None to recognise it from the
     keys (``statedict.foreign_style``). ``info``: ``source``, ``bn_eps`` (the BatchNorm eps
     that library uses; see the module docstring for the netspresso-trainer caveat),
-    ``tensors`` (how many were mapped) and ``arch`` (the torchvision builder arguments the
-    mapped shapes match, or None). Keys come out in torchvision's order; a missing
+    ``tensors`` (how many were mapped) and ``config`` (the ``MobileNetV3Config`` the mapped
+    shapes match, or None). Keys come out in torchvision's order; a missing
     ``num_batches_tracked`` stays missing. Raises ``ValueError`` if the keys are not in a known
     style, or if any key does not map or any expected key is missing (naming them).
     """
@@ -260,7 +259,7 @@ def to_torchvision(sd: dict, source: str | None = None) -> tuple[dict, dict]:
             v = v.reshape(v.shape[:2])
         out[tv] = v
     info = {"source": source, "bn_eps": BN_EPS[source], "tensors": len(out),
-            "arch": infer_arch(out)}
+            "config": infer_config(out)}
     return out, info
 
 
@@ -269,11 +268,10 @@ def from_torchvision(sd: dict, source: str, spec: NetSpec | None = None) -> dict
     ``to_torchvision``. ``spec`` defaults to the builder variant the shapes match."""
     _check_source(source)
     if spec is None:
-        found = infer_arch(sd)
+        found = infer_config(sd)
         if found is None:
             raise ValueError("the state_dict matches no torchvision MobileNetV3 layout")
-        arch = found.pop("arch")
-        spec = preset_spec(arch, **found)
+        spec = found.spec()
     kmap = key_map(source, spec)
     out = {}
     for tv, fk in kmap.items():

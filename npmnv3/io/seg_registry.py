@@ -4,7 +4,7 @@ torchvision ``models/segmentation/lraspp.py`` ``LRASPP_MobileNet_V3_Large_Weight
 ``deeplabv3.py`` ``DeepLabV3_MobileNet_V3_Large_Weights`` (both ``COCO_WITH_VOC_LABELS_V1``:
 trained on the COCO images of the 20 PASCAL VOC categories). ``fetch_segmentation(name)``
 returns the verified ``.pth`` (read with the torch-free ``load_pth``; no conversion), reusing
-``weights.py``'s directories, torch hub cache and atomic, hash-checked download.
+``registry.py``'s directories, torch hub cache and atomic, hash-checked download.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .convert import _sha256
-from .weights import (
+from .convert import sha256_of
+from .registry import (
     DEFAULT_BASE_URL,
     DEFAULT_TIMEOUT,
     WeightsError,
@@ -92,7 +92,7 @@ def fetch_segmentation(name: str, *, base_url: str | None = None,
         d.mkdir(parents=True, exist_ok=True)
         _download(entry.url(base_url), path, entry, timeout=timeout, progress=progress,
                   fetch_command=f"npmnv3 segment --weights {entry.name} IMAGE", local="(.pth)")
-    digest = _sha256(path)
+    digest = sha256_of(path)
     if not digest.startswith(entry.sha256_prefix):
         if path != hub:
             path.unlink(missing_ok=True)

@@ -3,15 +3,22 @@
 ``check_state_dict`` collects every missing key, unexpected key and shape mismatch into one
 error, and adds a hint when the checkpoint looks like another variant (Small vs Large, another
 width, reduced tail, 1001 classes) or another library's key style (timm, mmpretrain,
-netspresso-trainer). ``infer_arch`` finds the torchvision builder arguments whose layout matches
+netspresso-trainer). ``infer_config`` finds the torchvision builder arguments whose layout matches
 a checkpoint exactly.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
-WIDTHS = (0.35, 0.5, 0.75, 1.0, 1.25, 1.5)
+from ..nn.config import MobileNetV3Config, known_variants
+from .pth import is_quantized_state_dict
+
+QUANTIZED_HINT = ("a quantized (int8) checkpoint, not a float one: load it into "
+                  "npmnv3.quantized_mobilenet_v3_large() (npmnv3 classify --quantized)")
+
 FOREIGN_STYLES = {                         # a key prefix that gives each library away
     "timm": ("conv_stem.", "blocks.", "conv_head."),
     "mmpretrain": ("backbone.layer", "head.layers."),
@@ -19,58 +26,42 @@ FOREIGN_STYLES = {                         # a key prefix that gives each librar
 }
 
 
-def _layout_for(arch, width_mult, reduced_tail, num_classes):
-    from ..nn.arch import preset_spec
-    from ..nn.modules import build_modules, state_dict_layout
-    spec = preset_spec(arch, width_mult=width_mult, reduced_tail=reduced_tail,
-                       num_classes=num_classes)
-    return state_dict_layout(*build_modules(spec))
+@lru_cache(maxsize=64)
+def _shapes(config: MobileNetV3Config) -> dict:
+    """{key: shape} of a configuration's state_dict, without num_batches_tracked."""
+    return {k: tuple(s) for k, s, _ in config.layout() if not k.endswith("num_batches_tracked")}
 
 
 def foreign_style(keys) -> str | None:
+    """The library whose key prefixes most of ``keys`` (more than half) carry, or None."""
     keys = list(keys)
     for name, prefixes in FOREIGN_STYLES.items():
-        if keys and sum(k.startswith(prefixes) for k in keys) >= len(keys) // 2:
+        if keys and 2 * sum(k.startswith(prefixes) for k in keys) > len(keys):
             return name
     return None
 
 
-def infer_arch(sd: dict) -> dict | None:
-    """The torchvision builder arguments (arch, width_mult, reduced_tail, num_classes) whose
-    state_dict layout has exactly the keys and shapes of ``sd``, or None."""
+def infer_config(sd: dict) -> MobileNetV3Config | None:
+    """The torchvision variant (``known_variants``: arch, width, reduced_tail, num_classes)
+    whose state_dict layout has exactly the keys and shapes of ``sd``, or None."""
     w = sd.get("classifier.3.weight")
     if w is None or np.ndim(w) != 2:
         return None
-    num_classes = int(np.shape(w)[0])
     shapes = {k: tuple(np.shape(v)) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
-    for arch in ("large", "small"):
-        for width in WIDTHS:
-            for reduced in (False, True):
-                layout = _layout_for(arch, width, reduced, num_classes)
-                want = {k: tuple(s) for k, s, _ in layout if not k.endswith("num_batches_tracked")}
-                if want == shapes:
-                    return {"arch": arch, "width_mult": width, "reduced_tail": reduced,
-                            "num_classes": num_classes}
+    for config in known_variants(int(np.shape(w)[0])):
+        if _shapes(config) == shapes:
+            return config
     return None
 
 
-def _describe(a: dict) -> str:
-    args = [f"width_mult={a['width_mult']}"] if a["width_mult"] != 1.0 else []
-    if a["reduced_tail"]:
-        args.append("reduced_tail=True")
-    if a["num_classes"] != 1000:
-        args.append(f"num_classes={a['num_classes']}")
-    return f"mobilenet_v3_{a['arch']}({', '.join(args)})"
-
-
-def _hint(sd: dict, arch: dict | None) -> str:
+def _hint(sd: dict) -> str:
     style = foreign_style(sd)
     if style:
         return (f"hint: the keys look like a {style} checkpoint; convert it to torchvision's "
                 f"names first (npmnv3 convert --from {style})")
-    found = infer_arch(sd)
+    found = infer_config(sd)
     if found:
-        return f"hint: this checkpoint matches {_describe(found)}"
+        return f"hint: this checkpoint matches {found.describe()}"
     w = sd.get("classifier.3.weight")
     if w is not None and np.ndim(w) == 2 and np.shape(w)[0] == 1001:
         return ("hint: 1001 classes: a TF-style checkpoint with a background class; build the "
@@ -78,11 +69,14 @@ def _hint(sd: dict, arch: dict | None) -> str:
     return ""
 
 
-def check_state_dict(sd: dict, layout, *, strict: bool = True, arch: dict | None = None) -> dict:
+def check_state_dict(sd: dict, layout, *, strict: bool = True,
+                     config: MobileNetV3Config | None = None) -> dict:
     """Compare ``sd`` with ``layout`` [(key, shape, kind)]; raise one ValueError listing every
     problem (missing keys, unexpected keys, shape mismatches) when there are any."""
     if not isinstance(sd, dict):
         raise ValueError(f"state_dict must be a dict of arrays, got {type(sd).__name__}")
+    if is_quantized_state_dict(sd):
+        raise ValueError(QUANTIZED_HINT)
     want = {k: tuple(s) for k, s, _ in layout}
     missing = [k for k in want if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in want]
@@ -111,8 +105,8 @@ def check_state_dict(sd: dict, layout, *, strict: bool = True, arch: dict | None
         if problems:
             lines.append(f"shape/dtype mismatches ({len(problems)}):")
             lines.extend(problems[:12] + (["  ..."] if len(problems) > 12 else []))
-        model = _describe(arch) if arch and "arch" in arch else "this model"
-        hint = _hint(sd, arch)
+        model = config.describe() if config is not None else "this model"
+        hint = _hint(sd)
         raise ValueError(f"state_dict does not fit {model}:\n" + "\n".join(lines)
                          + (f"\n{hint}" if hint else ""))
     return {"missing": missing, "unexpected": unexpected}

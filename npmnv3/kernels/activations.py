@@ -3,8 +3,8 @@
 Shapes: any; outputs and gradients have the input's shape and dtype.
 
 Every forward is evaluated in the same order as torch's CPU kernels, so float32 results are
-bit-identical to torch (REFERENCE.md §3.2): ``c = min(max(x + 3, 0), 6)``, then
-``hardsigmoid = c / 6`` and ``hardswish = (x * c) / 6``.
+bit-identical to torch (``aten/src/ATen/native/cpu/Activation.cpp``): ``c = min(max(x + 3, 0),
+6)``, then ``hardsigmoid = c / 6`` and ``hardswish = (x * c) / 6``.
 
 Gradients at the kinks follow torch (checked by ``tests/test_activations.py``):
 

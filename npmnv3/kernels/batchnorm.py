@@ -86,7 +86,9 @@ def _new_stats(mean, var, M, running_mean, running_var, momentum, nbt):
 
 
 def _eval_affine(weight, bias, mean, var, eps):
-    """alpha, beta of eval mode, rounded like torch's CPU kernel (REFERENCE.md §1.12)."""
+    """alpha, beta of eval mode, rounded like torch's CPU kernel
+    (``aten/src/ATen/native/cpu/batch_norm_kernel.cpp``: alpha = invstd * weight, then
+    beta and y = x * alpha + beta with fused multiply-adds)."""
     dt = weight.dtype
     rstd = (1 / np.sqrt(var + dt.type(eps))).astype(dt)
     alpha = rstd * weight
@@ -180,16 +182,20 @@ def _bn_stats_loops(x, mean, var):
 # by the activation.
 # act 0 is plain batch norm: ``batchnorm_*_fast`` run these same loops.
 
-def _bn_act_fwd_loops(x, alpha, beta, act, z, three, six, out):
+def _bn_act_fwd_loops(x, alpha, beta, act, z, three, six, out, pre):
+    # pre: the pre-activation is also written there if it has x's size (else it is empty)
     N, C, H, W = x.shape
+    keep = pre.size == x.size
     for nc in prange(N * C):
         n, c = nc // C, nc % C
         a = np.float64(alpha[c])
         b = np.float64(beta[c])
         for i in range(H):
             for j in range(W):
-                out[n, c, i, j] = apply_act(x.dtype.type(a * x[n, c, i, j] + b), act, z,
-                                            three, six)
+                v = x.dtype.type(a * x[n, c, i, j] + b)
+                if keep:
+                    pre[n, c, i, j] = v
+                out[n, c, i, j] = apply_act(v, act, z, three, six)
 
 
 def _bn_act_grad_sums_loops(x, dout, alpha, beta, act, mean, rstd, z, three, half, dweight,
@@ -247,8 +253,9 @@ _bn_stats = _par(_bn_stats_loops)
 
 
 def _forward_core(x, weight, bias, running_mean, running_var, act, training, momentum, eps,
-                  num_batches_tracked):
-    """act(batch norm(x)) with the fast loops: (out, BatchNormCache, stats, alpha, beta)."""
+                  num_batches_tracked, keep_pre=False):
+    """act(batch norm(x)) with the fast loops: (out, BatchNormCache, stats, alpha, beta, pre);
+    ``pre`` (the pre-activation, written in the same pass) only if ``keep_pre``."""
     _check_args(x, weight, bias, running_mean, running_var, training)
     x = np.ascontiguousarray(x)
     C = x.shape[1]
@@ -269,9 +276,10 @@ def _forward_core(x, weight, bias, running_mean, running_var, act, training, mom
         cache = BatchNormCache(x, weight, running_mean, rstd, False)
     alpha, beta = np.asarray(alpha, np.float64), np.asarray(beta, np.float64)
     out = np.empty_like(x)
+    pre = np.empty_like(x) if keep_pre else np.empty((0, 0, 0, 0), dt)
     t = dt.type
-    _bn_act_fwd(x, alpha, beta, act_code(act), t(0), t(3), t(6), out)
-    return out, cache, stats, alpha, beta
+    _bn_act_fwd(x, alpha, beta, act_code(act), t(0), t(3), t(6), out, pre)
+    return out, cache, stats, alpha, beta, (pre if keep_pre else None)
 
 
 def _backward_core(dout, cache: BatchNormCache, act, alpha, beta):
@@ -300,8 +308,8 @@ def _backward_core(dout, cache: BatchNormCache, act, alpha, beta):
 def batchnorm_forward_fast(x, weight, bias, running_mean, running_var, *, training,
                            momentum=0.1, eps=1e-5, num_batches_tracked=0):
     """Same contract as ``batchnorm_forward_naive``; fused Numba passes, float64 sums."""
-    out, cache, stats, _, _ = _forward_core(x, weight, bias, running_mean, running_var, None,
-                                            training, momentum, eps, num_batches_tracked)
+    out, cache, stats, *_ = _forward_core(x, weight, bias, running_mean, running_var, None,
+                                          training, momentum, eps, num_batches_tracked)
     return out, cache, stats
 
 
@@ -317,8 +325,9 @@ class BatchNormActCache(NamedTuple):
     bn: BatchNormCache
     act: str | None
     alpha: np.ndarray | None    # fast: (C,) float64, the pre-activation is alpha * x + beta
-    beta: np.ndarray | None
-    pre: np.ndarray | None      # naive: the pre-activation itself (fast: None, recomputed)
+    beta: np.ndarray | None     #   (naive: None)
+    pre: np.ndarray | None      # the pre-activation: naive always; fast only with keep_pre
+    #                             (the fast backward recomputes it either way)
 
 
 def _check_act(act):
@@ -326,7 +335,7 @@ def _check_act(act):
 
 
 def batchnorm_act_forward_naive(x, weight, bias, running_mean, running_var, *, act, training,
-                                momentum=0.1, eps=1e-5, num_batches_tracked=0):
+                                momentum=0.1, eps=1e-5, num_batches_tracked=0, keep_pre=False):
     """act(batch_norm(x)): ``batchnorm_forward_naive`` followed by the activation, as written."""
     _check_act(act)
     pre, c_bn, stats = batchnorm_forward_naive(
@@ -348,21 +357,23 @@ def batchnorm_act_backward_naive(dout, cache: BatchNormActCache):
 
 
 def batchnorm_act_forward_fast(x, weight, bias, running_mean, running_var, *, act, training,
-                               momentum=0.1, eps=1e-5, num_batches_tracked=0):
+                               momentum=0.1, eps=1e-5, num_batches_tracked=0, keep_pre=False):
     """Same contract as the naive version. After the statistics pass (training), one pass writes
     act(alpha * x + beta): bitwise ``batchnorm_forward_fast`` followed by the fast activation,
-    without storing the pre-activation (the backward recomputes it from x)."""
+    without storing the pre-activation (the backward recomputes it from x) unless ``keep_pre``
+    (then the same pass also writes it, into ``cache.pre``: the numbers do not change)."""
     _check_act(act)
-    out, bn, stats, alpha, beta = _forward_core(x, weight, bias, running_mean, running_var, act,
-                                                training, momentum, eps, num_batches_tracked)
-    return out, BatchNormActCache(bn, act, alpha, beta, None), stats
+    out, bn, stats, alpha, beta, pre = _forward_core(
+        x, weight, bias, running_mean, running_var, act, training, momentum, eps,
+        num_batches_tracked, keep_pre)
+    return out, BatchNormActCache(bn, act, alpha, beta, pre), stats
 
 
 def batchnorm_act_backward_fast(dout, cache: BatchNormActCache):
     """Same contract as the naive version, in two fused passes: the first recomputes the
     pre-activation, applies the activation's gradient and sums dbias and dweight, leaving
     g = act'(y) * dout in the dx buffer; the second turns g into dx in place."""
-    if cache.pre is not None:                 # a naive forward's cache
+    if cache.alpha is None:                   # a naive forward's cache
         return batchnorm_act_backward_naive(dout, cache)
     return _backward_core(dout, cache.bn, cache.act, cache.alpha, cache.beta)
 
@@ -387,16 +398,20 @@ def batchnorm_backward(dout, cache, *, impl="fast"):
 
 
 def batchnorm_act_forward(x, weight, bias, running_mean, running_var, *, act, training,
-                          momentum=0.1, eps=1e-5, num_batches_tracked=0, impl="fast"):
+                          momentum=0.1, eps=1e-5, num_batches_tracked=0, keep_pre=False,
+                          impl="fast"):
     """``act(batchnorm(x))`` for act None, "relu" or "hardswish": the tail of every Conv-BN-Act.
 
     Returns ``(out, cache, BatchNormStats)`` like ``batchnorm_forward``, with the values of
     ``batchnorm_forward`` followed by ``activation_forward`` (bitwise, for the fast versions) in
     fewer passes over memory: the pre-activation is not stored, the backward recomputes it.
+    ``keep_pre=True`` also returns the pre-activation (batch norm's output) as ``cache.pre``,
+    from the same pass (``forward_intermediates`` records it).
     """
     f = choose_impl(impl, batchnorm_act_forward_fast, batchnorm_act_forward_naive)
     return f(x, weight, bias, running_mean, running_var, act=act, training=training,
-             momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked)
+             momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked,
+             keep_pre=keep_pre)
 
 
 def batchnorm_act_backward(dout, cache, *, impl="fast"):

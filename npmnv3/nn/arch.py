@@ -13,7 +13,7 @@ the model, the converter and the summary alike:
 * ``reduced_tail``: the last stage's channels and the classifier width are halved.
 
 A network can also be described in the netspresso-trainer ``stage_params`` format (YAML or
-JSON); ``from_stage_params`` validates it and produces the same ``Bneck`` rows.
+JSON); ``stage_params_rows`` validates it and produces the same ``Bneck`` rows.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
+
+import yaml
 
 ACTIVATIONS = {"RE": "relu", "HS": "hardswish"}      # paper's NL column -> kernel name
 
@@ -192,9 +194,9 @@ def _check_stage(i: int, stage: dict) -> int:
     return next(iter(lengths.values()))
 
 
-def from_stage_params(stage_params, last_channel: int, num_classes: int = 1000) -> NetSpec:
-    """Build a ``NetSpec`` from netspresso-trainer style ``stage_params`` (a list of stages,
-    each a dict of parallel lists). Channels are used as given (no width multiplier)."""
+def stage_params_rows(stage_params) -> tuple[Bneck, ...]:
+    """The ``Bneck`` rows of netspresso-trainer style ``stage_params`` (a list of stages, each a
+    dict of parallel lists), validated; channels are used as given (no width multiplier)."""
     if not isinstance(stage_params, (list, tuple)) or not stage_params:
         raise ValueError("stage_params must be a non-empty list of stages")
     rows = []
@@ -228,9 +230,7 @@ def from_stage_params(stage_params, last_channel: int, num_classes: int = 1000) 
             rows.append(Bneck(vals["in_channels"], vals["kernel_sizes"],
                               vals["expanded_channels"], vals["out_channels"], vals["use_se"],
                               ACT_TYPES[vals["act_type"]], vals["stride"], d))
-    if isinstance(last_channel, bool) or not isinstance(last_channel, int) or last_channel < 1:
-        raise ValueError(f"last_channel must be a positive integer, got {last_channel!r}")
-    return build_spec(rows, last_channel, num_classes=num_classes)
+    return tuple(rows)
 
 
 def load_stage_params(path) -> tuple[list, int | None]:
@@ -241,15 +241,18 @@ def load_stage_params(path) -> tuple[list, int | None]:
     ``model.architecture.head.params.intermediate_channels``).
     """
     path = Path(path)
-    text = path.read_text()
-    if path.suffix.lower() == ".json":
-        data = json.loads(text)
-    else:
-        try:
-            import yaml
-        except ImportError as e:                        # pragma: no cover - pyyaml is a dependency
-            raise ValueError("reading YAML needs PyYAML (pip install pyyaml)") from e
-        data = yaml.safe_load(text)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the config ({e})") from None
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        where = f"line {e.lineno}" if isinstance(e, json.JSONDecodeError) else \
+            f"line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else "syntax"
+        raise ValueError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}"
+                         f" ({where}: {getattr(e, 'problem', None) or getattr(e, 'msg', e)})") \
+            from None
     last = None
     if isinstance(data, dict) and "model" in data:      # netspresso-trainer model config
         arch = data["model"].get("architecture", {})

@@ -100,6 +100,23 @@ class InvertedResidual:
             i += 1
         self.layers.append(ConvBNAct(f"{pre}.{i}", b.exp, b.cout, 1, act=None))
 
+    # The four roles, by name (torchvision numbers them in ``block``; absent ones are None).
+    @property
+    def expand(self) -> ConvBNAct | None:
+        return self.layers[0] if self.spec.has_expand else None
+
+    @property
+    def depthwise(self) -> ConvBNAct:
+        return self.layers[1 if self.spec.has_expand else 0]
+
+    @property
+    def se(self) -> SqueezeExcite | None:
+        return self.layers[-2] if self.spec.se else None
+
+    @property
+    def project(self) -> ConvBNAct:
+        return self.layers[-1]
+
     def params(self):
         for layer in self.layers:
             yield from layer.params()

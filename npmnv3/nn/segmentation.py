@@ -70,7 +70,7 @@ class SegmentationModel:
 
     def __init__(self, kind: str, num_classes: int = 21, *, aux_loss: bool = False,
                  dtype=np.float32, seed=None):
-        from .model import mobilenet_v3_large
+        from .builders import mobilenet_v3_large
 
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -178,13 +178,14 @@ class SegmentationModel:
         return self.forward(x, **kw)
 
     def _check_input(self, x):
-        if not isinstance(x, np.ndarray) or x.ndim != 4 or x.shape[1] != 3 \
-                or x.dtype.kind != "f" or 0 in x.shape:
-            what = f"shape {x.shape}, dtype {x.dtype}" if isinstance(x, np.ndarray) else \
-                type(x).__name__
-            raise ValueError(f"input must be a non-empty float array of shape (N, 3, H, W), "
-                             f"got {what}")
-        return np.asarray(x, dtype=self.dtype)
+        """x must be a non-empty (N, 3, H, W) array of the model's dtype (as ``MobileNetV3``)."""
+        if not isinstance(x, np.ndarray) or x.ndim != 4 or x.shape[1] != 3 or 0 in x.shape:
+            what = f"shape {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+            raise ValueError(f"input must be a non-empty array of shape (N, 3, H, W), got {what}")
+        if x.dtype != self.dtype:
+            raise ValueError(f"input is {x.dtype} (shape {x.shape}) but the model is "
+                             f"{self.dtype}: cast it with x.astype(np.{self.dtype.name})")
+        return x
 
     def forward(self, x, *, rng=None):
         """``{"out": (N, K, H, W)}`` (+ ``"aux"``) for images x (N, 3, H, W). In train mode

@@ -1,40 +1,38 @@
 """ImageNet classification with pretrained (or your own) weights, without a framework.
 
 ``classify(paths)`` walks the given files and directories, preprocesses each image the way the
-weights were evaluated (torchvision's preset: shorter side -> 256, or 232 for ``large-v2``,
-center crop 224, ImageNet mean/std), runs the model in batches and returns, per image, the
-top-k classes with their softmax probabilities (computed in float64). An image that cannot be
+weights were evaluated or trained (what their .npz records; for torchvision's weights its
+preset: shorter side -> 256, or 232 for ``large-v2``, center crop 224, ImageNet mean/std),
+runs the model in batches and returns, per image, the top-k classes with their softmax
+probabilities (computed in float64). An image that cannot be
 read gets an ``error`` entry instead; the other images are still classified.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..io import weights as W
-from ..io.convert import META_KEY, build_model, load_model
+from ..data.images import find_images
+from ..data.preprocess import imagenet_preprocessing
+from ..io import registry as W
+from ..io.load import read_weights
+from ..io.npz import has_meta, read_meta
 
-__all__ = ["IMAGE_EXTENSIONS", "Classifier", "load_classifier", "classify", "find_images",
-           "softmax", "format_results"]
-
-IMAGE_EXTENSIONS = frozenset(".jpg .jpeg .png .bmp .gif .webp .tif .tiff .ppm .pgm".split())
-DEFAULT_RESIZE = 256      # torchvision's ImageClassification default (every weight but Large V2)
-DEFAULT_CROP = 224
+__all__ = ["Classifier", "load_classifier", "classify", "find_images", "softmax",
+           "format_results"]
 
 
 @dataclass
 class Classifier:
-    """A model in eval mode plus what is needed to use it on images."""
+    """A model in eval mode plus what is needed to use it on images: the class names and the
+    preprocessing its weights were evaluated (or trained) with."""
     model: object                   # npmnv3.MobileNetV3
     categories: tuple[str, ...]
-    resize_size: int = DEFAULT_RESIZE
-    crop_size: int = DEFAULT_CROP
+    preprocessing: dict = field(default_factory=imagenet_preprocessing)
     source: str = ""                # what the weights are: registry name or file
 
     def predict(self, x: np.ndarray, topk: int = 5) -> list[list[dict]]:
@@ -55,77 +53,52 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
-def _npz_meta(path: Path) -> dict:
-    """The metadata of an npmnv3 .npz, read alone ({} if it cannot be read: loading the file
-    then reports why)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return json.loads(z[META_KEY].tobytes().decode("utf-8"))
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return {}
+def categories_for(weights) -> tuple[str, ...]:
+    """The class names of ``weights`` (a ``Weights``): recorded ones, else ImageNet's for 1000
+    classes, else ``class <i>``."""
+    n = weights.config.num_classes
+    if weights.classes is not None and len(weights.classes) == n:
+        return tuple(weights.classes)
+    return W.imagenet_categories() if n == 1000 else tuple(f"class {i}" for i in range(n))
 
 
 def _from_file(path: Path):
-    """(model in eval mode, official entry or None) for a .pth or .npz the user gave. A file
-    named like an official checkpoint (or converted from one) must carry its hash; being the
-    user's own file, it is not deleted if it does not."""
+    """(``Weights``, official entry or None) for a file the user gave. A file named like an
+    official checkpoint (or converted from one) must carry its hash, checked before it is
+    read; being the user's own file, it is not deleted if it does not."""
     if not path.is_file():
         raise W.WeightsError(f"{path}: no such file; --weights takes a .pth/.npz file or one of "
                              f"{', '.join(W.names())}")
-    is_npz = path.suffix.lower() == ".npz"
-    name = str(_npz_meta(path).get("source_name", "")) if is_npz else path.name
-    entry = W.entry_for_file(name)
+    name = read_meta(path).get("source_name", path.name) if has_meta(path) else path.name
+    entry = W.entry_for_file(str(name))
     if entry is not None:
         W.verify_file(path, entry)
-    return load_model(path), entry
+    return read_weights(path), entry
 
 
 def load_classifier(model: str | None = None, weights: str | os.PathLike | None = None, *,
                     base_url: str | None = None, progress: bool = False) -> Classifier:
     """A ``Classifier`` for ``model`` ("large"/"small", default: what the weights hold, else
     "large") with ``weights``: a registry name (default: ``large-v2`` / ``small-v1``, fetched
-    if needed) or a ``.pth``/``.npz`` file. Preprocessing follows the weights' recipe."""
+    if needed) or a ``.pth``/``.npz`` file. Preprocessing and class names come with the
+    weights (recorded in their .npz, or the registry's recipe, else torchvision's preset)."""
     if model not in (None, "large", "small"):
         raise ValueError(f"model must be 'large' or 'small', got {model!r}")
     if weights is None:
         weights = W.DEFAULTS[model or "large"]
     if str(weights) in W.names():
         entry = W.get(str(weights))
-        sd, meta = W.load_state_dict(entry.name, base_url=base_url, progress=progress)
-        net, source = build_model(meta["arch"]), entry.name
-        net.load_state_dict(sd, strict=True)
+        found = read_weights(W.fetch(entry.name, base_url=base_url, progress=progress))
+        source = entry.name
     else:
-        net, entry = _from_file(Path(weights))
+        found, entry = _from_file(Path(weights))
         source = str(weights)
-    arch = net.arch
-    if model is not None and arch["arch"] != model:
-        raise ValueError(f"--model {model} given, but {source} holds mobilenet_v3_"
-                         f"{arch['arch']} weights")
-    n = arch["num_classes"]
-    cats = W.imagenet_categories() if n == 1000 else tuple(f"class {i}" for i in range(n))
-    resize = entry.resize_size if entry is not None else DEFAULT_RESIZE
-    crop = entry.crop_size if entry is not None else DEFAULT_CROP
-    return Classifier(net.eval(), cats, resize, crop, source)
-
-
-def find_images(paths) -> list[tuple[str, str | None]]:
-    """``(path, error)`` per image: files as given (any extension: reading decides), and the
-    image files (by extension, hidden ones skipped) under each directory, walked in sorted
-    order. ``error`` is None, or says why the path yields nothing."""
-    found = []
-    for p in map(str, paths):
-        if os.path.isdir(p):
-            inside = []
-            for root, dirs, files in os.walk(p):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                inside += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")
-                           and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
-            found += [(f, None) for f in inside] or [(p, "directory holds no image files")]
-        elif os.path.exists(p):
-            found.append((p, None))
-        else:
-            found.append((p, "no such file or directory"))
-    return found
+    if model is not None and found.config.arch != model:
+        raise ValueError(f"--model {model} given, but {source} holds "
+                         f"{found.config.describe()} weights")
+    prep = found.preprocessing or (entry.preprocessing if entry is not None else
+                                   imagenet_preprocessing())
+    return Classifier(found.model(), categories_for(found), prep, source)
 
 
 def _load(path: str, clf: Classifier, exif_transpose: bool):
@@ -133,7 +106,7 @@ def _load(path: str, clf: Classifier, exif_transpose: bool):
     from ..data.preprocess import preprocess
 
     try:
-        return preprocess(path, clf.resize_size, clf.crop_size, exif_transpose=exif_transpose)
+        return preprocess(path, exif_transpose=exif_transpose, **clf.preprocessing)
     except (ValueError, OSError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         return msg[len(path) + 2:] if msg.startswith(f"{path}: ") else msg

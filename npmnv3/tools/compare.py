@@ -17,13 +17,14 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..nn.config import MobileNetV3Config
+from ..nn.model import MobileNetV3
+
 # max|ours - torch| / max|torch| per module. float32: different summation orders (oneDNN vs
 # NumPy/Numba) move results by a few ulp, ~1e-7 relative; 1e-5 leaves two decades of margin.
 TOL32 = 1e-5
 # float64: reordering costs ~1e-16..1e-14; 1e-10 still catches any real formula error.
 TOL64 = 1e-10
-IMAGENET_MEAN = (0.485, 0.456, 0.406)        # torchvision ImageClassification preset
-IMAGENET_STD = (0.229, 0.224, 0.225)
 TORCH_NEEDED = "npmnv3 compare needs torch and torchvision (pip install -e '.[test]')"
 
 
@@ -172,46 +173,25 @@ def plot_rows(rows, path, title: str = ""):
 # ----------------------------------------------------------------------------- inputs, models
 
 
-def load_image(path, size: int = 224, resize: int = 256) -> np.ndarray:
-    """torchvision's ImageClassification preset with Pillow: shorter side -> ``resize``
-    (bilinear), center crop ``size``, /255, ImageNet mean/std; returns (1, 3, size, size)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"{path}: cannot read the image ({e})") from None
-    w, h = im.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_long = int(resize * long / short)
-    new = (resize, new_long) if w <= h else (new_long, resize)
-    im = im.resize(new, Image.Resampling.BILINEAR)
-    top, left = int(round((new[1] - size) / 2.0)), int(round((new[0] - size) / 2.0))
-    im = im.crop((left, top, left + size, top + size))
-    x = np.asarray(im, dtype=np.float32) / np.float32(255.0)           # (H, W, 3)
-    x = (x - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])             # (1, 3, H, W)
-
-
 def random_input(seed: int = 0, size: int = 224) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((1, 3, size, size)).astype(np.float32)
 
 
-def torchvision_model(arch: dict, state_dict=None, *, dtype="float32", seed: int = 0):
-    """torchvision's model for builder arguments ``arch``: with ``state_dict`` (numpy arrays)
-    loaded strictly, else randomly initialised with randomised batch-norm parameters and
-    statistics (all-ones/zeros would hide batch-norm mistakes)."""
+def torchvision_model(config, state_dict=None, *, dtype="float32", seed: int = 0):
+    """torchvision's model for ``config`` (a ``MobileNetV3Config`` or dict of builder
+    arguments): with ``state_dict`` (numpy arrays) loaded strictly, else randomly initialised
+    with randomised batch-norm parameters and statistics (all-ones/zeros would hide batch-norm
+    mistakes)."""
     import torch
     import torchvision
 
-    from ..io.convert import check_arch
-
-    a = check_arch(arch)
+    c = MobileNetV3Config.from_dict(config)
+    if c.arch == "custom":
+        raise ValueError("torchvision has no model for a custom stage_params MobileNetV3")
     torch.manual_seed(seed)
-    builder = getattr(torchvision.models, f"mobilenet_v3_{a['arch']}")
-    tv = builder(width_mult=a["width_mult"], reduced_tail=a["reduced_tail"],
-                 dilated=bool(a["dilated"]), num_classes=a["num_classes"])
+    builder = getattr(torchvision.models, f"mobilenet_v3_{c.arch}")
+    tv = builder(width_mult=c.width_mult, reduced_tail=c.reduced_tail, dilated=c.dilated,
+                 num_classes=c.num_classes, dropout=c.dropout)
     with torch.no_grad():
         if state_dict is not None:
             tv.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()})
@@ -226,10 +206,8 @@ def torchvision_model(arch: dict, state_dict=None, *, dtype="float32", seed: int
     return tv
 
 
-def npmnv3_twin(tv_model, arch: dict, dtype="float32"):
+def npmnv3_twin(tv_model, config, dtype="float32"):
     """An npmnv3 model holding exactly ``tv_model``'s parameters and buffers."""
-    from ..io.convert import build_model
-
-    model = build_model(arch, dtype=dtype)
+    model = MobileNetV3(MobileNetV3Config.from_dict(config), dtype=dtype)
     model.load_state_dict({k: v.detach().cpu().numpy() for k, v in tv_model.state_dict().items()})
     return model.eval()

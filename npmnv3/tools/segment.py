@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.images import find_images
 from ..io import seg_registry as S
-from ..io.weights import WeightsError
-from .classify import find_images
+from ..io.registry import WeightsError
 
 __all__ = ["voc_palette", "colorize", "overlay", "class_shares", "load_segmenter", "segment",
            "add_parser", "run"]

@@ -11,8 +11,8 @@ pooling and the residual add do not.
     SE:     fc1, fc2 are 1x1 convs on the pooled (N, C, 1, 1) tensor, so 2 * N * C * S
 
 Output size of a conv (torch's rule): Ho = floor((H + 2p - d (k - 1) - 1) / s) + 1.
-Reference values at 224x224 (REFERENCE.md §1.9): Large 5,483,032 params / 216,589,760 MACs,
-Small 2,542,856 / 56,510,400.
+Reference values at 224x224 (torchvision's weights meta, ``num_params`` and ``_ops``): Large
+5,483,032 params / 216,589,760 MACs, Small 2,542,856 / 56,510,400.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from ..nn.modules import Classifier, ConvBNAct, InvertedResidual, SqueezeExcite
+from ..nn.config import MobileNetV3Config
+from ..nn.modules import Classifier, ConvBNAct, InvertedResidual, SqueezeExcite, build_modules
 
 ACT_NAMES = {"relu": "ReLU", "hardswish": "Hardswish", None: ""}
 
@@ -104,16 +105,6 @@ def _head_rows(head: Classifier, shape) -> list[SummaryRow]:
     ]
 
 
-def _describe(arch: dict) -> str:
-    if not arch or "arch" not in arch:
-        return "MobileNetV3"
-    args = [f"width_mult={arch['width_mult']:g}"] if arch.get("width_mult", 1.0) != 1.0 else []
-    args += [f"{k}=True" for k in ("reduced_tail", "dilated") if arch.get(k)]
-    if arch.get("num_classes", 1000) != 1000:
-        args.append(f"num_classes={arch['num_classes']}")
-    return f"mobilenet_v3_{arch['arch']}({', '.join(args)})"
-
-
 @dataclass
 class Summary:
     """The result of ``summary``: ``rows`` plus totals; ``str()`` renders the table."""
@@ -167,21 +158,27 @@ class Summary:
 
 
 def summary(model, input_size=(224, 224), batch_size: int = 1) -> Summary:
-    """Per-layer output shapes, parameter counts and MACs of ``model`` for an input of
-    ``input_size`` (H, W) or an int, from its module tree alone (nothing is run)."""
+    """Per-layer output shapes, parameter counts and MACs of ``model`` (a ``MobileNetV3``, or a
+    ``MobileNetV3Config``: then no weights are allocated) for an input of ``input_size`` (H, W)
+    or an int, from the module tree alone (nothing is run)."""
     if isinstance(input_size, int):
         input_size = (input_size, input_size)
     size = tuple(input_size)
     if len(size) != 2 or min(size) < 1 or batch_size < 1:
         raise ValueError(f"input_size must be (H, W) with H, W >= 1 and batch_size >= 1, got "
                          f"{size} and {batch_size}")
+    if isinstance(model, MobileNetV3Config):
+        config = model
+        features, head = build_modules(config.spec(), config.dropout)
+    else:
+        config, features, head = model.config, model.features, model.head
     h, w = (int(v) for v in size)
     shape = (batch_size, 3, h, w)
     rows: list[SummaryRow] = []
     cur = shape
-    for m in model.features:
+    for m in features:
         new = _block_rows(m, cur) if isinstance(m, InvertedResidual) else [_conv_row(m, cur, 0)]
         rows.extend(new)
         cur = new[0].output_shape
-    rows.extend(_head_rows(model.head, cur))
-    return Summary(rows, shape, _describe(getattr(model, "arch", {})))
+    rows.extend(_head_rows(head, cur))
+    return Summary(rows, shape, config.describe())

@@ -1,6 +1,6 @@
 """Training: optimizers, the fit loop with its checkpoints, and ``npmnv3 train``."""
 
-from .loop import ArrayDataset, ImageFolder, evaluate, fit, load_checkpoint, load_folders, main
+from .checkpoint import load_checkpoint
+from .loop import ArrayDataset, ImageFolder, evaluate, fit, load_folders
 
-__all__ = ["ArrayDataset", "ImageFolder", "evaluate", "fit", "load_checkpoint", "load_folders",
-           "main"]
+__all__ = ["ArrayDataset", "ImageFolder", "evaluate", "fit", "load_checkpoint", "load_folders"]

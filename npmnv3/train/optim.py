@@ -15,7 +15,8 @@ RMSprop (torch.optim.RMSprop):
                          buf = momentum * buf + g / avg;  p -= lr * buf   (momentum > 0)
                          p -= lr * g / avg                               (momentum = 0)
 torchvision's MobileNetV3 recipe uses RMSprop(alpha=0.9, eps=0.0316, momentum=0.9), lr 0.064,
-wd 1e-5, StepLR(step_size=2, gamma=0.973) (REFERENCE.md 2.3): ``rmsprop_torchvision``.
+wd 1e-5, StepLR(step_size=2, gamma=0.973) (torchvision ``references/classification/README.md``,
+MobileNetV3 recipe): ``rmsprop_torchvision``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 ``fetch(name)`` returns the path of the converted ``.npz`` for a registry name (``large-v2``,
 ``small``, ...). It reuses, in this order: the ``.npz`` already in ``weights_dir()``; the ``.pth``
 already there; the ``.pth`` in torch hub's cache (``$TORCH_HOME/hub/checkpoints``), read in place
-and never downloaded again; and only then downloads the ``.pth`` (REFERENCE.md §2.3, §2.5).
+and never downloaded again; and only then downloads the ``.pth`` (as
+``torch.hub.load_state_dict_from_url`` would, ``torch/hub.py``).
 
 Unlike torchvision, which checks the SHA-256 prefix in the file name only right after a download,
 the hash of an official file is checked on every use: a ``.pth`` by hashing it, a ``.npz`` by
@@ -29,7 +30,9 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from .convert import _sha256, convert, load_npz
+from ..data.preprocess import imagenet_preprocessing
+from .convert import convert, sha256_of
+from .npz import read_npz
 from .pth import CheckpointError
 
 __all__ = ["REGISTRY", "ALIASES", "DEFAULTS", "WeightsEntry", "WeightsError", "DownloadError",
@@ -77,6 +80,11 @@ class WeightsEntry:
         return f"{base.rstrip('/')}/{self.file_name}"
 
     @property
+    def preprocessing(self) -> dict:
+        """torchvision's ``ImageClassification(crop_size, resize_size)`` for these weights."""
+        return imagenet_preprocessing(self.resize_size, self.crop_size)
+
+    @property
     def npz_name(self) -> str:
         return Path(self.file_name).stem + ".npz"
 
@@ -85,7 +93,7 @@ class WeightsEntry:
         return imagenet_categories()
 
 
-# REFERENCE.md §2.3 (torchvision models/mobilenetv3.py).
+# torchvision models/mobilenetv3.py: MobileNet_V3_Large_Weights, MobileNet_V3_Small_Weights.
 REGISTRY: dict[str, WeightsEntry] = {e.name: e for e in [
     WeightsEntry("large-v1", "large", "MobileNet_V3_Large_Weights.IMAGENET1K_V1",
                  "mobilenet_v3_large-8738ca79.pth", "8738ca79", 74.042, 91.340, 5_483_032, 256),
@@ -157,13 +165,13 @@ def verify_file(path, entry: WeightsEntry, *, remove: bool = False):
     """
     path = Path(path)
     if path.suffix.lower() != ".npz":
-        digest = _sha256(path)
+        digest = sha256_of(path)
         if not digest.startswith(entry.sha256_prefix):
             raise _bad_file(path, f"sha256 mismatch (expected {entry.sha256_prefix}..., got "
                                   f"{digest[:16]}...)", entry.name, remove)
         return None
     try:
-        sd, meta = load_npz(path)
+        sd, meta = read_npz(path)
     except CheckpointError as e:
         raise _bad_file(path, f"corrupted ({e})", entry.name, remove) from None
     recorded = str(meta.get("source_sha256", ""))
@@ -235,7 +243,7 @@ def _fetch(name: str, base_url, timeout: float, progress: bool):
         _download(entry.url(base_url), pth, entry, timeout=timeout, progress=progress)
         src = pth
     verify_file(src, entry, remove=True)
-    convert(src, npz, arch=entry.arch)
+    convert(src, npz, arch=entry.arch, preprocessing=entry.preprocessing)
     return (npz, *verify_file(npz, entry, remove=True))
 
 
