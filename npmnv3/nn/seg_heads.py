@@ -18,8 +18,8 @@ hl wl / hh wh the low-level (output stride 8) / high-level (stride 16) feature m
 The heads' batch norms are ``nn.BatchNorm2d`` defaults (eps 1e-5, momentum 0.1), unlike the
 backbone's (1e-3, 0.01). A tensor used by several branches (LR-ASPP's ``high``, ASPP's input)
 gets the sum of their gradients, written out in each ``backward``. Every forward records each
-module's output under its torchvision name when ``ctx.record`` is a dict (BN and ReLU are then
-kept apart; otherwise they run as one fused kernel), and returns ``(out, cache)``; every
+module's output under its torchvision name when ``ctx.record`` is a dict (recording never
+changes which kernel runs), and returns ``(out, cache)``; every
 backward returns the input gradient(s) and a dict of parameter gradients by key. The calling
 convention is ``blocks.py``'s: ``forward(x, p, ctx)`` with ``p`` the state_dict-keyed arrays
 (parameters and buffers) and ``ctx`` the mode; new running statistics go to ``ctx.updates``,
@@ -111,28 +111,20 @@ class ConvBNReLU:
                 p[f"{bn}.running_var"])
         kw = dict(training=ctx.training, momentum=HEAD_BN_MOMENTUM, eps=HEAD_BN_EPS,
                   num_batches_tracked=int(p[f"{bn}.num_batches_tracked"]), impl=ctx.impl)
-        if ctx.record is None:                        # one kernel: the same numbers
-            z, c_bn, stats = K.batchnorm_act_forward(y, *args, act="relu", **kw)
-            c_act = None
-        else:
-            z, c_bn, stats = K.batchnorm_forward(y, *args, **kw)
-            _record(ctx, bn, z)
-            z, c_act = K.relu_forward(z, impl=ctx.impl)
-            _record(ctx, self.relu, z)
+        z, c_bn, stats = K.batchnorm_act_forward(y, *args, act="relu",
+                                                 keep_pre=ctx.record is not None, **kw)
+        if ctx.record is not None:                    # BN's output: the pre-activation
+            ctx.record.update({bn: c_bn.pre, self.relu: z})
         if ctx.training:
             ctx.updates[f"{bn}.running_mean"] = stats.running_mean
             ctx.updates[f"{bn}.running_var"] = stats.running_var
             ctx.updates[f"{bn}.num_batches_tracked"] = np.array(stats.num_batches_tracked,
                                                                 np.int64)
-        return z, (c_conv, c_bn, c_act)
+        return z, (c_conv, c_bn)
 
     def backward(self, dz, cache, impl, grads):
-        c_conv, c_bn, c_act = cache
-        if c_act is None:
-            dy, dw, db = K.batchnorm_act_backward(dz, c_bn, impl=impl)
-        else:
-            dy, dw, db = K.batchnorm_backward(K.relu_backward(dz, c_act, impl=impl), c_bn,
-                                              impl=impl)
+        c_conv, c_bn = cache
+        dy, dw, db = K.batchnorm_act_backward(dz, c_bn, impl=impl)        # through ReLU and BN
         grads[f"{self.bn}.weight"], grads[f"{self.bn}.bias"] = dw, db
         return self.conv.backward(dy, c_conv, impl, grads)
 

@@ -18,7 +18,8 @@ low-level features, with ``aux_loss=True``); ``backward({"out": g, "aux": g_aux}
 dL/dx and adds every parameter's gradient to ``model.grads``. The low-level features feed both
 the head (or the aux head) and the next backbone block: their gradients add, written out in
 ``backward``. In eval mode a forward keeps only its input and a following ``backward`` replays
-it (eval mode is deterministic), so ``backward`` works in both modes, as in torch.
+it (eval mode is deterministic), so ``backward`` works in both modes, as in torch; inside
+``npmnv3.no_grad()`` nothing is kept.
 """
 
 from __future__ import annotations
@@ -200,7 +201,9 @@ class SegmentationModel:
         return result, record
 
     def _forward(self, x, *, rng=None, record=None, keep=None):
-        keep = self.training if keep is None else keep
+        from .model import grad_enabled
+
+        keep = (self.training and grad_enabled()) if keep is None else keep
         updates = {} if self.training else None
         rng = self._rng if rng is None else (rng if isinstance(rng, np.random.Generator)
                                              else np.random.default_rng(rng))
@@ -227,7 +230,7 @@ class SegmentationModel:
             c_aux = (c_ah, c_aup)
         if self.training:
             self.buffers.update(updates)
-        self._replay = None if self.training else x
+        self._replay = None if self.training or not grad_enabled() else x
         self._trace = Trace(x.shape, tuple(caches), c_head, c_up, c_aux) if keep else None
         return result, ctx
 

@@ -25,6 +25,7 @@ __all__ = ["voc_palette", "colorize", "overlay", "class_shares", "load_segmenter
            "add_parser", "run"]
 
 MODELS = ("lraspp", "deeplabv3")
+RESIZE = 520                 # both weights' SemanticSegmentation(resize_size=520) preset
 OVERLAY_ALPHA = 0.5          # weight of the class colour where a class other than background is
 
 
@@ -47,7 +48,7 @@ def colorize(labels: np.ndarray):
     """A (H, W) class map as a palette ("P") PIL image in the VOC colours."""
     from PIL import Image
 
-    img = Image.fromarray(np.asarray(labels, np.uint8), mode="P")
+    img = Image.fromarray(np.asarray(labels, np.uint8))           # "L"; a palette makes it "P"
     img.putpalette(voc_palette().reshape(-1).tolist())
     return img
 
@@ -61,7 +62,7 @@ def overlay(photo, labels: np.ndarray, alpha: float = OVERLAY_ALPHA):
     colours = voc_palette()[labels].astype(np.float64)                  # (H, W, 3)
     fg = (labels > 0)[..., None]
     out = np.where(fg, (1 - alpha) * rgb + alpha * colours, rgb)
-    return Image.fromarray(np.round(out).astype(np.uint8), mode="RGB")
+    return Image.fromarray(np.round(out).astype(np.uint8))       # (H, W, 3) uint8: RGB
 
 
 def class_shares(labels: np.ndarray, categories) -> list[dict]:
@@ -96,6 +97,8 @@ def load_segmenter(model: str | None = None, weights=None, *, base_url=None, pro
     if model is not None and net.kind != model:
         raise ValueError(f"--model {model} given, but {source} holds {net.kind} weights")
     n = net.num_classes
+    if n > 256:
+        raise ValueError(f"{source} has {n} classes; a palette PNG mask holds at most 256")
     cats = S.VOC_CATEGORIES if n == len(S.VOC_CATEGORIES) else tuple(f"class {i}"
                                                                      for i in range(n))
     return net.eval(), cats, source
@@ -129,7 +132,8 @@ def segment(paths, model=None, weights=None, out_dir="segment-out", *, exif_tran
     if there is an image to segment."""
     from PIL import Image
 
-    from ..data.preprocess import load_image, normalize, resize_shorter
+    from ..data.preprocess import load_image, preprocess_segmentation
+    from ..nn.model import no_grad
 
     items = find_images([paths] if isinstance(paths, (str, os.PathLike)) else paths)
     results = [{"image": p, "error": err} for p, err in items]
@@ -147,8 +151,9 @@ def segment(paths, model=None, weights=None, out_dir="segment-out", *, exif_tran
             msg = " ".join(str(e).split())
             results[i]["error"] = msg[len(path) + 2:] if msg.startswith(f"{path}: ") else msg
             continue
-        x = normalize(np.asarray(resize_shorter(photo, 520)))[None]      # the weights' preset
-        labels = net(x)["out"][0].argmax(axis=0).astype(np.uint8)         # (H', W')
+        x = preprocess_segmentation(photo, RESIZE, exif_transpose=False)[None]  # (1, 3, H', W')
+        with no_grad():
+            labels = net(x)["out"][0].argmax(axis=0).astype(np.uint8)     # (H', W')
         full = np.asarray(Image.fromarray(labels).resize(photo.size, Image.NEAREST))
         mask, over = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
         _save_png(colorize(full), mask)
