@@ -157,3 +157,28 @@ def test_bad_input_and_state_dict(checkpoints):
         segmentation_from_state_dict({"features.0.0.weight": np.zeros((16, 3, 3, 3))})
     with pytest.raises(ValueError, match="no auxiliary classifier"):
         npmnv3.nn.segmentation.SegmentationModel("lraspp", aux_loss=True)
+
+
+def test_freeze_backbone_trains_the_head_only(checkpoints):
+    """Backbone in eval mode (its statistics untouched), head in train mode: the heads'
+    gradients equal torchvision's with ``backbone.eval()``, and nothing else gets one."""
+    import torch
+
+    tv, path = checkpoints["lraspp"]
+    tv = copy.deepcopy(tv).double().train()
+    tv.backbone.eval()
+    model = ours_for(path, np.float64, True)
+    before = model.state_dict()
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 37, 29))
+    out = model(x, freeze_backbone=True)["out"]
+    dout = rng.standard_normal(out.shape)
+    assert model.backward({"out": dout}) is None
+    ref = run_torch(torch, tv, [x], {"out": dout}, "")
+    judge("out", out, ref["out"]["out"])
+    assert set(model.grads) == {k for k in ref["grads"] if k.startswith("classifier.")}
+    judge_all("grad", model.grads, {k: ref["grads"][k] for k in model.grads}, None)
+    after = model.state_dict()
+    for k, v in before.items():
+        moved = not np.array_equal(after[k], v)
+        assert moved == (k.startswith("classifier.") and ("running" in k or "num_b" in k)), k

@@ -188,11 +188,15 @@ class SegmentationModel:
                              f"{self.dtype}: cast it with x.astype(np.{self.dtype.name})")
         return x
 
-    def forward(self, x, *, rng=None):
+    def forward(self, x, *, rng=None, freeze_backbone=False):
         """``{"out": (N, K, H, W)}`` (+ ``"aux"``) for images x (N, 3, H, W). In train mode
         batch norm uses batch statistics (and updates the running ones) and dropout draws from
-        ``rng`` (default: the model's generator)."""
-        return self._forward(self._check_input(x), rng=rng)[0]
+        ``rng`` (default: the model's generator).
+
+        ``freeze_backbone``: the backbone runs in eval mode (running statistics, left as they
+        are; nothing kept), the heads in the model's mode; ``backward`` then computes the
+        heads' gradients only (fine-tuning the head of a pretrained network)."""
+        return self._forward(self._check_input(x), rng=rng, frozen=freeze_backbone)[0]
 
     def forward_intermediates(self, x, *, rng=None):
         """``(result, outputs)``: the output of every module torchvision names, by that name."""
@@ -200,7 +204,7 @@ class SegmentationModel:
         result, _ = self._forward(self._check_input(x), rng=rng, record=record)
         return result, record
 
-    def _forward(self, x, *, rng=None, record=None, keep=None):
+    def _forward(self, x, *, rng=None, record=None, keep=None, frozen=False):
         from .model import grad_enabled
 
         keep = (self.training and grad_enabled()) if keep is None else keep
@@ -208,13 +212,14 @@ class SegmentationModel:
         rng = self._rng if rng is None else (rng if isinstance(rng, np.random.Generator)
                                              else np.random.default_rng(rng))
         ctx = Ctx(self.training, self.impl, self.bn_eps, self.bn_momentum, updates, record, rng)
+        bctx = ctx._replace(training=False, updates=None) if frozen else ctx   # the backbone's
         p = {**self.params, **self.buffers}
         caches, y, low = [], x, None
         for i, m in enumerate(self.backbone):
             fwd = inverted_residual_forward if isinstance(m, InvertedResidual) else \
                 conv_bn_act_forward
-            y, c = fwd(y, m, p, ctx)
-            caches.append(c if keep else None)
+            y, c = fwd(y, m, p, bctx)
+            caches.append(c if keep and not frozen else None)
             if i == self.low_pos:
                 low = y                                   # (N, 40, H/8, W/8)
         high, size, impl = y, x.shape[2:], self.impl       # (N, 960, H/16, W/16)
@@ -230,8 +235,9 @@ class SegmentationModel:
             c_aux = (c_ah, c_aup)
         if self.training:
             self.buffers.update(updates)
-        self._replay = None if self.training or not grad_enabled() else x
-        self._trace = Trace(x.shape, tuple(caches), c_head, c_up, c_aux) if keep else None
+        self._replay = None if self.training or frozen or not grad_enabled() else x
+        self._trace = Trace(x.shape, None if frozen else tuple(caches), c_head, c_up, c_aux) \
+            if keep else None
         return result, ctx
 
     # ------------------------------------------------------------------ backward
@@ -239,7 +245,7 @@ class SegmentationModel:
     def backward(self, dout: dict, *, input_grad: bool = True):
         """Back-propagate ``{"out": dL/dout}`` (and ``"aux"``, optional) through the last
         forward; parameter gradients are *added* to ``self.grads``. Returns dL/dx (N, 3, H, W),
-        or None with ``input_grad=False``."""
+        or None with ``input_grad=False`` or after a ``freeze_backbone`` forward."""
         if self._trace is None:
             if self._replay is None:
                 raise RuntimeError("backward needs a forward pass first (once per backward)")
@@ -259,6 +265,10 @@ class SegmentationModel:
                                                                impl=impl), tr.aux[0])
             grads.update(g)
             dlow = da if dlow is None else dlow + da       # both heads read the low features
+        if tr.backbone is None:                           # freeze_backbone: stop here
+            self._add_grads(grads)
+            self._trace = None
+            return None
         dy = dhigh
         for i in range(len(self.backbone) - 1, -1, -1):
             if i == self.low_pos and dlow is not None:
@@ -268,10 +278,13 @@ class SegmentationModel:
             else:
                 dy, g = conv_bn_act_backward(dy, tr.backbone[i], need_dx=input_grad or i > 0)
             grads.update(g)
-        for k, gk in grads.items():
-            self.grads[k] = self.grads[k] + gk if k in self.grads else gk
+        self._add_grads(grads)
         self._trace = None
         return dy if input_grad else None
+
+    def _add_grads(self, grads):
+        for k, gk in grads.items():
+            self.grads[k] = self.grads[k] + gk if k in self.grads else gk
 
     def _check_dout(self, dout, shape):
         names = {"out"} | ({"aux"} if self.aux_head is not None else set())
