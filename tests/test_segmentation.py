@@ -11,10 +11,11 @@ agree to 1e-10; float32 is judged against the float64 truth (``seg_support.judge
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
-from seg_support import GRAD_FLOOR, dropout_masks, judge, judge_all, run_torch
+from seg_support import GRAD_FLOOR, _err, dropout_masks, judge, judge_all, run_torch
 from support import randn, randomise, require_torchvision
 
 import npmnv3
@@ -24,13 +25,10 @@ BUILDERS = {"lraspp": "lraspp_mobilenet_v3_large", "deeplabv3": "deeplabv3_mobil
 DROPOUTS = {"lraspp": (), "deeplabv3": ("classifier.0.project.3", "aux_classifier.3")}
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """{kind: (torchvision model, path of its torch.save'd state_dict)}; DeepLabV3 with the
-    aux classifier, as the official checkpoint has it."""
-    tv = require_torchvision()
-    import torch
-
+def make_checkpoints(torch, tv, directory) -> dict:
+    """{kind: (torchvision model, path of its torch.save'd state_dict)} in ``directory``;
+    DeepLabV3 with the aux classifier, as the official checkpoint has it. Also used by
+    benchmarks/seg_parity.py (the README's table)."""
     out = {}
     for kind, builder in BUILDERS.items():
         with torch.random.fork_rng():
@@ -39,10 +37,18 @@ def checkpoints(tmp_path_factory):
             model = getattr(tv.models.segmentation, builder)(weights=None,
                                                              weights_backbone=None, **kw)
         randomise(torch, model, seed=8)
-        path = tmp_path_factory.mktemp("ckpt") / f"{kind}.pth"
+        path = Path(directory) / f"{kind}.pth"
         torch.save(model.state_dict(), path)
         out[kind] = (model, path)
     return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    tv = require_torchvision()
+    import torch
+
+    return make_checkpoints(torch, tv, tmp_path_factory.mktemp("ckpt"))
 
 
 def ours_for(path, dtype, training):
@@ -58,7 +64,7 @@ def compare(kind, checkpoints, dtype, size, training, batch=2):
     rng = np.random.default_rng(size[0] * 100 + size[1])
     x = randn(rng, (batch, 3) + size, np.float64)
     model = ours_for(path, dtype, training)
-    result, record = model.forward_intermediates(x.astype(dtype))
+    result, record = model.forward_intermediates(x.astype(dtype), rng=0)   # dropout: seeded
     dout = {k: randn(rng, v.shape, np.float64) for k, v in result.items()}
     dx = model.backward({k: v.astype(dtype) for k, v in dout.items()})
     masks = dropout_masks(record, DROPOUTS[kind]) if training else None
@@ -81,6 +87,12 @@ def compare(kind, checkpoints, dtype, size, training, batch=2):
     floor = GRAD_FLOOR * max(np.abs(g).max() for g in truth["grads"].values())
     worst["grads"] = judge_all("grad", grads, ref["grads"], truth["grads"] if f32 else None,
                                floor)
+    if f32:                            # torch float32's own distance from the float64 truth
+        worst["torch"] = {
+            "out": max(_err(ref["out"][k], truth["out"][k], 0) for k in ref["out"]),
+            "modules": max(_err(ref["outs"][n], truth["outs"][n], 0) for n in names),
+            "dx": _err(ref["dinputs"][0], truth["dinputs"][0], 0),
+            "grads": max(_err(ref["grads"][k], truth["grads"][k], floor) for k in grads)}
     if training:
         state = model.state_dict()
         for k, v in ref["state"].items():
@@ -107,10 +119,20 @@ def test_eval_matches_torchvision(checkpoints, case):
     compare(kind, checkpoints, dtype, size, training=False, batch=batch)
 
 
+# Train mode, batch 3 for DeepLabV3. At batch 2 the batch norm of ASPP's pooled branch
+# normalises two values per channel: its output is +-sqrt(var / (var + eps)) whatever its input,
+# and its input gradient is the upstream one times eps / (var + eps), ~0. So at batch 2 nothing
+# that flows back through that branch is tested, and what either library computes there in
+# float32 is rounding noise (~1e-4 of the largest gradient) that reaches every backbone
+# gradient. From 3 values per channel the gradient is real (the stronger test); torch float32
+# and npmnv3 float32 both land ~3e-5 from the float64 truth.
+TRAIN_BATCH = {"lraspp": 2, "deeplabv3": 3}
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("kind", list(BUILDERS))
 def test_train_matches_torchvision(checkpoints, kind, dtype):
-    compare(kind, checkpoints, dtype, (41, 31), training=True)
+    compare(kind, checkpoints, dtype, (41, 31), training=True, batch=TRAIN_BATCH[kind])
 
 
 def test_fused_eval_path_equals_recorded_path(checkpoints):
