@@ -5,6 +5,9 @@ and each ``*_backward(dout, cache)`` returns the gradients of every array argume
 forward's argument order. Every kernel has a plain NumPy version (``*_naive``) that reads like
 the formula and a fast version (``*_fast``: BLAS through NumPy, Numba loops); the public name
 takes ``impl="fast"`` (default) or ``impl="naive"``.
+
+The int8 kernels (``quantize``, ``qconv``, ``qelementwise``) are inference-only: integer
+arithmetic equal to torch's qnnpack engine, each again in a naive and a fast version.
 """
 
 from .activations import (
@@ -40,6 +43,23 @@ from .merge import (
     concat_forward,
 )
 from .pool import avgpool_backward, avgpool_forward
+from .qconv import qconv2d, qlinear
+from .qelementwise import (
+    HARDSIGMOID_SCALE,
+    HARDSIGMOID_ZERO_POINT,
+    qadaptive_avgpool2d,
+    qadd,
+    qhardsigmoid,
+    qhardswish,
+    qmul,
+)
+from .quantize import (
+    dequantize,
+    quantize_bias,
+    quantize_per_channel,
+    quantize_per_tensor,
+    requantize,
+)
 from .se import se_backward, se_forward
 from .sigmoid import sigmoid_backward, sigmoid_forward
 
@@ -64,4 +84,8 @@ __all__ = [
     "relu_backward", "relu_forward",
     "se_backward", "se_forward",
     "sigmoid_backward", "sigmoid_forward",
+    # int8 (quint8 activations, qint8 weights): torch's qnnpack arithmetic
+    "HARDSIGMOID_SCALE", "HARDSIGMOID_ZERO_POINT", "dequantize", "qadaptive_avgpool2d", "qadd",
+    "qconv2d", "qhardsigmoid", "qhardswish", "qlinear", "qmul", "quantize_bias",
+    "quantize_per_channel", "quantize_per_tensor", "requantize",
 ]
