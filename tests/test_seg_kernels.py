@@ -210,6 +210,11 @@ def test_concat_matches_torch(impl, dtype):
     for k, (dx, t) in enumerate(zip(dxs, ts)):
         np.testing.assert_array_equal(dx, t.grad.numpy(), err_msg=f"dxs[{k}]")
         assert dx.flags.c_contiguous and not np.shares_memory(dx, dout)
+    x64 = [x.astype(np.float64) for x in xs]
+    d64 = dout.astype(np.float64)
+    for k, dx in enumerate(concat_backward(d64, concat_forward(x64, impl=impl)[1], impl=impl)):
+        fd_check(f"concat dxs[{k}]", lambda *a: concat_forward(list(a), impl=impl), x64, k,
+                 dx, d64)
     with pytest.raises(ValueError, match=r"xs\[1\] has shape"):
         concat_forward([xs[0], xs[1][:, :, :4]], impl=impl)
     with pytest.raises(ValueError, match="dout must have shape"):

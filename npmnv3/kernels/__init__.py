@@ -6,6 +6,9 @@ forward's argument order. Every kernel has a plain NumPy version (``*_naive``) t
 the formula and a fast version (``*_fast``: BLAS through NumPy, Numba loops); the public name
 takes ``impl="fast"`` (default) or ``impl="naive"``.
 
+The segmentation heads add ``interpolate`` (torch's bilinear resize), ``sigmoid`` and ``merge``
+(channel concatenation, the per-channel product of a gate).
+
 The int8 kernels (``quantize``, ``qconv``, ``qelementwise``) are inference-only: integer
 arithmetic equal to torch's qnnpack engine, each again in a naive and a fast version.
 """
