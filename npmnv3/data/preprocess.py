@@ -231,8 +231,8 @@ def _check_size(name, value) -> int:
     return int(value)
 
 
-def preprocess(image, resize_size: int = 256, crop_size: int | None = 224, *,
-               mean=IMAGENET_MEAN, std=IMAGENET_STD, exif_transpose: bool = True) -> np.ndarray:
+def preprocess(image, resize_size: int = 256, crop_size: int = 224, *, mean=IMAGENET_MEAN,
+               std=IMAGENET_STD, exif_transpose: bool = True) -> np.ndarray:
     """torchvision's ImageNet evaluation preset, in Pillow and NumPy: float32 (3, crop, crop).
 
     ``image``: a path (str or ``os.PathLike``) or a ``PIL.Image.Image`` of any mode; it is
@@ -244,12 +244,9 @@ def preprocess(image, resize_size: int = 256, crop_size: int | None = 224, *,
     (see the module docstring). Add a batch axis with ``x[None]`` before a model call. The
     keyword arguments are those of a ``preprocessing`` record (``imagenet_preprocessing``), so
     ``preprocess(image, **weights.preprocessing)`` prepares an image as the weights expect.
-    ``crop_size=None``: no crop, float32 (3, H', W') with the aspect ratio kept, which is
-    torchvision's ``SemanticSegmentation`` preset (``preprocess_segmentation``).
     """
     resize_size = _check_size("resize_size", resize_size)
-    if crop_size is not None:
-        crop_size = _check_size("crop_size", crop_size)
+    crop_size = _check_size("crop_size", crop_size)
     if isinstance(image, Image.Image):
         image = _prepare(image, exif_transpose, in_place=False)
     else:
@@ -261,8 +258,6 @@ def preprocess(image, resize_size: int = 256, crop_size: int | None = 224, *,
     new_w, new_h = image.size
     pixels = np.asarray(image)
     del image
-    if crop_size is None:                               # SemanticSegmentation: no crop
-        return normalize(pixels, mean, std)
 
     # 2. Center crop, zero padding first where the image is smaller than the crop.
     pad_h = max(crop_size - new_h, 0)
@@ -298,7 +293,12 @@ def preprocess_segmentation(image, resize_size: int = 520, *,
     float32 (3, H', W') with the shorter side ``resize_size`` and the aspect ratio kept, no
     crop; then ``/ 255`` and the ImageNet mean and std. ``image`` as for ``preprocess`` (a path
     or a PIL image of any mode, same RGB conversion, errors and EXIF handling)."""
-    return preprocess(image, resize_size, None, exif_transpose=exif_transpose)
+    resize_size = _check_size("resize_size", resize_size)
+    if isinstance(image, Image.Image):
+        image = _prepare(image, exif_transpose, in_place=False)
+    else:
+        image = _open(image, exif_transpose)
+    return normalize(np.asarray(resize_shorter(_to_8bit(image), resize_size)))
 
 
 def normalize(pixels, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
