@@ -2,6 +2,7 @@
 
 Each section replaces the stub cell of the exercise with the same number; the notebook runner
 executes it in the notebook's kernel, then the check cell (see notebooks/README.md)."""
+import numpy as np
 
 
 # %% Exercise 1
@@ -33,3 +34,22 @@ def my_receptive_fields(spec):
         out.append((j, r))
     out.append((j, r))                                           # the last 1x1 changes nothing
     return out
+
+
+# %% Exercise 3
+def my_head_backward(dlogits, F, p):
+    """avgpool -> Linear -> hard-swish -> (eval: no dropout) -> Linear, backwards."""
+    N, C, h, w = F.shape
+    W0, b0 = p["classifier.0.weight"], p["classifier.0.bias"]       # (L, C), (L,)
+    W3 = p["classifier.3.weight"]                                   # (n, L)
+    pooled = F.mean(axis=(2, 3))                                    # (N, C)
+    z = pooled @ W0.T + b0                                          # (N, L)
+    a = z * np.clip(z + 3, 0, 6) / 6                                # hard-swish
+    dW3, db3 = dlogits.T @ a, dlogits.sum(axis=0)
+    da = dlogits @ W3                                               # (N, L)
+    dz = da * np.where(z <= -3, 0, np.where(z >= 3, 1, z / 3 + 0.5))
+    dW0, db0 = dz.T @ pooled, dz.sum(axis=0)
+    dpooled = dz @ W0                                               # (N, C)
+    dF = np.broadcast_to(dpooled[:, :, None, None] / (h * w), F.shape).copy()
+    return dF, {"classifier.0.weight": dW0, "classifier.0.bias": db0,
+                "classifier.3.weight": dW3, "classifier.3.bias": db3}
