@@ -47,6 +47,7 @@ from .channels_last import (
     conv_fwd,
     depthwise_bwd,
     depthwise_fwd,
+    flat_taps,
     grad_band_rows,
     grad_sums,
     kernel_consts,
@@ -164,7 +165,8 @@ def _conv_fwd_fast(x, w, kind, stride, padding, dilation, stats):
         wl = np.ascontiguousarray(w.reshape(K, k * k).T)               # (k*k, C)
         y = np.empty((N, Ho, Wo, K), x.dtype)
         rb = max(1, -(-Ho * N // num_tasks(N * Ho)))                   # rows per task
-        depthwise_fwd(xl, wl, np.zeros(K, x.dtype), (k, stride, padding, dilation),
+        geom = (k, stride, padding, dilation)
+        depthwise_fwd(xl, wl, np.zeros(K, x.dtype), geom, flat_taps(geom, K),
                       min(rb, Ho), stats, y, mv)
         return y, mv, DepthwiseCache(nchw_view(xl), w, False, stride, padding, dilation)
     Ho, Wo = _check_conv_args(x, w, None, stride, padding, dilation, 1)
@@ -253,8 +255,10 @@ def _conv_bwd_fast(kind, c, yl, dl, bc, code, mode, kc, need_dx):
         k = w.shape[2]
         dx = np.empty_like(xl)
         dwl = np.empty((k * k, K), dt)
+        geom = (k, c.stride, c.padding, c.dilation)
         depthwise_bwd(xl, yl, dl, np.ascontiguousarray(w.reshape(K, k * k).T), bc, code, mode,
-                      kc, (k, c.stride, c.padding, c.dilation), dx, dwl, np.empty(K, dt))
+                      kc, geom, flat_taps(geom, K), dx, dwl,
+                      np.empty(K, dt))
         dx = nchw_view(dx) if need_dx else None                         # (computed anyway)
         return dx, np.ascontiguousarray(dwl.T).reshape(w.shape)
     Ho, Wo = yl.shape[1], yl.shape[2]

@@ -31,6 +31,7 @@ from ._checks import check_array, check_conv_geometry, check_shape, choose_impl
 from .channels_last import (
     depthwise_bwd,
     depthwise_fwd,
+    flat_taps,
     kernel_consts,
     nchw_view,
     num_tasks,
@@ -216,8 +217,10 @@ def depthwise_forward_fast(x, w, b=None, *, stride=1, padding=0, dilation=1):
     N, C, k = xl.shape[0], xl.shape[3], w.shape[2]
     out = np.empty((N, Ho, Wo, C), dtype=x.dtype)
     rb = -(-N * Ho // num_tasks(N * Ho))                            # rows per task
-    depthwise_fwd(xl, _taps(w), b if b is not None else np.zeros(C, x.dtype),
-                  (k, stride, padding, dilation), min(rb, Ho), False, out, np.zeros((2, C)))
+    geom = (k, stride, padding, dilation)
+    depthwise_fwd(xl, _taps(w), b if b is not None else np.zeros(C, x.dtype), geom,
+                  flat_taps(geom, C), min(rb, Ho), False, out,
+                  np.zeros((2, C)))
     return nchw_view(out), DepthwiseCache(nchw_view(xl), w, b is not None, stride, padding,
                                           dilation)
 
@@ -238,8 +241,9 @@ def depthwise_backward_fast(dout, cache: DepthwiseCache):
     dx = np.empty_like(xl)
     dw = np.empty((k * k, C), dtype=x.dtype)
     db = np.empty(C, dtype=x.dtype)
-    depthwise_bwd(xl, dl, dl, _taps(w), plain_coefs(C), 0, 0, kernel_consts(x.dtype),
-                  (k, s, p, d), dx, dw, db)
+    geom = (k, s, p, d)
+    depthwise_bwd(xl, dl, dl, _taps(w), plain_coefs(C), 0, 0, kernel_consts(x.dtype), geom,
+                  flat_taps(geom, C), dx, dw, db)
     return nchw_view(dx), np.ascontiguousarray(dw.T).reshape(w.shape), (db if has_bias else
                                                                          None)
 

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..io.statedict import check_state_dict
+from ..kernels.heap import keep_freed_memory
 from ..kernels.threads import single_threaded_blas
 from .blocks import (
     ClassifierCache,
@@ -249,7 +250,9 @@ class MobileNetV3:
     def _forward_blocks(self, x, ctx: Ctx, head: bool = True):
         """The reference path: every block's forward in turn, caches kept for ``backward``.
         BLAS runs single-threaded inside: the kernels' GEMMs are per thread, in Numba's loops
-        (``kernels/threads.py``)."""
+        (``kernels/threads.py``); freed memory stays in the process for the next step
+        (``kernels/heap.py``)."""
+        keep_freed_memory()
         with single_threaded_blas():
             return self._forward_blocks_(x, ctx, head)
 
