@@ -4,7 +4,7 @@ A training step allocates and frees the same large arrays every step (activation
 gradients: ~1.5 GB for MobileNetV3-Large at batch 32). By default glibc serves every block
 above a threshold (128 KB, rising to at most 32 MB) with its own ``mmap`` and returns it to the
 system on ``free``, so the next step touches fresh pages again: ~45,000 page faults per step
-here, a quarter of the step's time (``benchmarks/README.md``). ``keep_freed_memory()`` raises
+here, a quarter of the step's time. ``keep_freed_memory()`` raises
 the mmap threshold to glibc's maximum (32 MB) and stops trimming the heap, so freed blocks are
 reused. Peak memory is unchanged (the same arrays are live at the peak); memory freed after
 training stays with the process until it exits. Measured with ``benchmarks/bench_train.py``'s
