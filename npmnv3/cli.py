@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                          ("path", "print where the .npz is (exit 1 if not there yet)")):
         q = wsub.add_parser(action, help=what)
         q.add_argument("name", metavar="NAME", help="large-v1, large-v2, small-v1 (or large, "
-                                                    "small)")
+                                                    "small), large-qnnpack-v1 (int8)")
     p.set_defaults(func="weights")
 
     p = sub.add_parser("classify", help="top-k ImageNet classes of images; exit 1 if any "
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", metavar="NAME|FILE",
                    help="registry name (default large-v2 / small-v1, fetched if needed) or a "
                         "torchvision .pth / converted .npz")
+    p.add_argument("--quantized", action="store_true",
+                   help="the int8 model: torchvision's quantized weights (large-qnnpack-v1, "
+                        "fetched if needed), or --weights FILE of a quantized/QAT .pth")
     p.add_argument("--topk", type=int, default=5, metavar="K")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of text")
     p.add_argument("--batch-size", type=int, default=8, metavar="N")

@@ -15,6 +15,10 @@ renamed into place only once it is complete and its hash matches; on any failure
 Where files live: ``$NPMNV3_HOME`` if set, else ``weights/`` of a source checkout, else
 ``~/.cache/npmnv3``. The base URL is ``$NPMNV3_WEIGHTS_URL`` or the ``base_url`` argument
 (tests point it at a local server), default torchvision's ``https://download.pytorch.org/models``.
+
+The int8 weights (``large-qnnpack-v1``: torchvision's QAT checkpoint for its quantized model)
+are not converted to ``.npz``: ``fetch`` returns the verified ``.pth`` and
+``npmnv3.nn.qat.from_qat_state_dict`` turns it into the int8 model when it is used.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from .convert import convert, sha256_of
 from .npz import read_npz
 from .pth import CheckpointError
 
-__all__ = ["REGISTRY", "ALIASES", "DEFAULTS", "WeightsEntry", "WeightsError", "DownloadError",
+__all__ = ["REGISTRY", "ALIASES", "DEFAULTS", "QUANTIZED_DEFAULTS", "WeightsEntry",
+           "WeightsError", "DownloadError",
            "get", "names", "imagenet_categories", "weights_dir", "torch_hub_dir", "fetch",
            "load_state_dict", "verify_file", "entry_for_file", "status"]
 
@@ -74,10 +79,13 @@ class WeightsEntry:
     num_params: int
     resize_size: int        # preprocessing: shorter side -> resize_size, center crop crop_size
     crop_size: int = 224
+    quantized: bool = False  # int8: a QAT-prepared state_dict, kept as the .pth (nn/qat.py)
+    url_dir: str = ""        # sub-directory of the base URL ("quantized" for the int8 files)
 
     def url(self, base_url: str | None = None) -> str:
         base = base_url or os.environ.get("NPMNV3_WEIGHTS_URL") or DEFAULT_BASE_URL
-        return f"{base.rstrip('/')}/{self.file_name}"
+        sub = f"{self.url_dir}/" if self.url_dir else ""
+        return f"{base.rstrip('/')}/{sub}{self.file_name}"
 
     @property
     def preprocessing(self) -> dict:
@@ -101,9 +109,16 @@ REGISTRY: dict[str, WeightsEntry] = {e.name: e for e in [
                  "mobilenet_v3_large-5c1a4163.pth", "5c1a4163", 75.274, 92.566, 5_483_032, 232),
     WeightsEntry("small-v1", "small", "MobileNet_V3_Small_Weights.IMAGENET1K_V1",
                  "mobilenet_v3_small-047dcff4.pth", "047dcff4", 67.668, 87.402, 2_542_856, 256),
+    # torchvision models/quantization/mobilenetv3.py: MobileNet_V3_Large_QuantizedWeights
+    # (QAT for qnnpack; ImageClassification(crop_size=224): resize 256)
+    WeightsEntry("large-qnnpack-v1", "large",
+                 "MobileNet_V3_Large_QuantizedWeights.IMAGENET1K_QNNPACK_V1",
+                 "mobilenet_v3_large_qnnpack-5bcacf28.pth", "5bcacf28", 73.004, 90.858,
+                 5_483_032, 256, quantized=True, url_dir="quantized"),
 ]}
 ALIASES = {"large": "large-v2", "small": "small-v1"}
 DEFAULTS = {"large": "large-v2", "small": "small-v1"}    # torchvision's DEFAULT per model
+QUANTIZED_DEFAULTS = {"large": "large-qnnpack-v1"}   # torchvision ships no int8 Small weights
 
 
 def names() -> list[str]:
@@ -229,7 +244,7 @@ def _fetch(name: str, base_url, timeout: float, progress: bool):
     entry = get(name)
     d = weights_dir()
     npz, pth = d / entry.npz_name, d / entry.file_name
-    if npz.is_file():
+    if npz.is_file() and not entry.quantized:
         return (npz, *verify_file(npz, entry, remove=True))
     d.mkdir(parents=True, exist_ok=True)
     hub = torch_hub_dir() / entry.file_name
@@ -241,6 +256,8 @@ def _fetch(name: str, base_url, timeout: float, progress: bool):
         _download(entry.url(base_url), pth, entry, timeout=timeout, progress=progress)
         src = pth
     verify_file(src, entry, remove=True)
+    if entry.quantized:            # int8 QAT weights: used as the .pth (npmnv3.nn.qat converts)
+        return src, None, None
     convert(src, npz, arch=entry.arch, preprocessing=entry.preprocessing)
     return (npz, *verify_file(npz, entry, remove=True))
 
@@ -248,15 +265,20 @@ def _fetch(name: str, base_url, timeout: float, progress: bool):
 def fetch(name: str, *, base_url: str | None = None, timeout: float = DEFAULT_TIMEOUT,
           progress: bool = False) -> Path:
     """Path of the verified ``.npz`` for registry name ``name``, downloading the ``.pth`` and
-    converting it if it is not there yet (see the module docstring for the order). ``progress``
+    converting it if it is not there yet (see the module docstring for the order); for a
+    quantized entry, the verified ``.pth`` itself (it is checked on every use). ``progress``
     shows a tqdm bar on stderr while downloading. Raises ``WeightsError``/``DownloadError``."""
     return _fetch(name, base_url, timeout, progress)[0]
 
 
 def load_state_dict(name: str, *, base_url: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                     progress: bool = False):
-    """``(state_dict, meta)`` of the verified weights ``name`` (fetched if needed)."""
-    _, sd, meta = _fetch(name, base_url, timeout, progress)
+    """``(state_dict, meta)`` of the verified weights ``name`` (fetched if needed); a quantized
+    entry's is the QAT state_dict of its .pth, meta ``{}``."""
+    path, sd, meta = _fetch(name, base_url, timeout, progress)
+    if get(name).quantized:
+        from .pth import load_pth
+        return load_pth(path), {}
     return sd, meta
 
 

@@ -35,7 +35,7 @@ from .channels_last import (
 )
 from .depthwise import _tap_slice, _to_phases
 from .epilogue import apply_act
-from .threads import single_threaded_blas
+from .threads import blas_single
 
 
 class Conv2dCache(NamedTuple):
@@ -202,6 +202,7 @@ def direct_conv_forward(x, w, b, *, stride, padding, dilation, act=0, kfirst=Fal
     return out
 
 
+@blas_single
 def conv2d_forward_fast(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1):
     """Convolution as one matrix multiply per image and group: out = W @ im2col(x) + b
     (few input channels, like the 3-channel stem: the direct polyphase loop instead).
@@ -225,6 +226,7 @@ def conv2d_forward_fast(x, w, b=None, *, stride=1, padding=0, dilation=1, groups
     return out, Conv2dCache(x, w, b is not None, stride, padding, dilation, groups)
 
 
+@blas_single
 def conv2d_backward_fast(dout, cache: Conv2dCache, need_dx: bool = True):
     """dW = sum_n dout_n @ cols_n^T,  dcols = W^T @ dout, dx = col2im(dcols),  db = sum dout.
 
@@ -313,6 +315,7 @@ def pointwise_backward_naive(dout, cache: PointwiseCache):
     return dx, dw.reshape(w.shape), db
 
 
+@blas_single
 def pointwise_forward_fast(x, w, b=None):
     """1x1 convolution on channels-last memory (``channels_last.py``): one GEMM per band of
     pixels, out (P, K) = x (P, C) @ W^T + b; the output is channels-last too."""
@@ -322,14 +325,14 @@ def pointwise_forward_fast(x, w, b=None):
     K = w.shape[0]
     x2 = xl.reshape(-1, C)                                          # (P, C)
     out = np.empty((N, H, W, K), dtype=x.dtype)
-    with single_threaded_blas():
-        pointwise_fwd(x2, np.ascontiguousarray(w.reshape(K, C).T), band_rows(C + K, len(x2)),
-                      num_tasks(len(x2)), False, out.reshape(-1, K), np.zeros((2, K)))
+    pointwise_fwd(x2, np.ascontiguousarray(w.reshape(K, C).T), band_rows(C + K, len(x2)),
+                  num_tasks(len(x2)), False, out.reshape(-1, K), np.zeros((2, K)))
     if b is not None:
         out += b
     return nchw_view(out), PointwiseCache(nchw_view(xl), w, b is not None)
 
 
+@blas_single
 def pointwise_backward_fast(dout, cache: PointwiseCache):
     """dX = dY @ W and dW = dY^T @ X, one GEMM each per band of pixels (channels-last)."""
     x, w, has_bias = cache
@@ -341,10 +344,9 @@ def pointwise_backward_fast(dout, cache: PointwiseCache):
     x2, d2 = xl.reshape(-1, C), dl.reshape(-1, K)                   # (P, C), (P, K)
     dx = np.empty_like(xl)
     dw = np.empty((K, C), dtype=x.dtype)
-    with single_threaded_blas():
-        pointwise_bwd(x2, d2, d2, np.ascontiguousarray(w.reshape(K, C)), plain_coefs(K), 0, 0,
-                      kernel_consts(x.dtype), grad_band_rows(C, K, len(x2)),
-                      num_tasks(len(x2)), True, dx.reshape(-1, C), dw)
+    pointwise_bwd(x2, d2, d2, np.ascontiguousarray(w.reshape(K, C)), plain_coefs(K), 0, 0,
+                  kernel_consts(x.dtype), grad_band_rows(C, K, len(x2)),
+                  num_tasks(len(x2)), True, dx.reshape(-1, C), dw)
     db = d2.sum(axis=0) if has_bias else None
     return nchw_view(dx), dw.reshape(w.shape), db
 

@@ -17,10 +17,12 @@ workers then never wake up, whichever library was imported first.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 _CONTROLLER = None
-_DEPTH = 0          # nesting depth of single_threaded_blas(): inner calls cost nothing
+_BLAS = None            # the lib controllers of every BLAS loaded when the controller was made
+_DEPTH = 0              # nesting depth of single_threaded_blas(): inner calls cost nothing
 
 
 def init():
@@ -40,11 +42,22 @@ def controller():
     return _CONTROLLER
 
 
+def _blas_libs():
+    global _BLAS
+    if _BLAS is None:
+        _BLAS = list(controller().select(user_api="blas").lib_controllers)
+    return _BLAS
+
+
 @contextmanager
 def single_threaded_blas():
     """Every BLAS library single-threaded inside the block; previous counts restored after.
-    Re-entrant: a nested call (a kernel inside a model's training step) costs nothing, the
-    outermost one pays threadpoolctl's ~60 us."""
+
+    threadpoolctl's own ``limit`` context re-selects the libraries on every entry (~40 us);
+    this keeps the selection and costs a few ctypes calls, so it can wrap every GEMM call of
+    the reference kernels too. Re-entrant: a nested call (a kernel inside a model's training
+    step, which holds the outer one) costs nothing and restores nothing.
+    """
     global _DEPTH
     if _DEPTH:
         _DEPTH += 1
@@ -53,12 +66,31 @@ def single_threaded_blas():
         finally:
             _DEPTH -= 1
         return
-    with controller().limit(limits=1, user_api="blas"):
-        _DEPTH = 1
-        try:
-            yield
-        finally:
-            _DEPTH = 0
+    libs = _blas_libs()
+    before = [lib.get_num_threads() for lib in libs]
+    for lib, n in zip(libs, before):
+        if n != 1:
+            lib.set_num_threads(1)
+    _DEPTH = 1
+    try:
+        yield
+    finally:
+        _DEPTH = 0
+        for lib, n in zip(libs, before):
+            if n != 1:
+                lib.set_num_threads(n)
+
+
+def blas_single(fn):
+    """Decorator: run ``fn`` inside ``single_threaded_blas()``. The fast reference kernels
+    alternate GEMMs with Numba parallel loops; with multi-threaded BLAS the two pools spin
+    against each other (a Small training step at batch 32: 45-49 ms/image, vs 17-18 with
+    BLAS single-threaded and Numba's threads owning the cores, benchmarks/README.md)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with single_threaded_blas():
+            return fn(*args, **kwargs)
+    return wrapped
 
 
 def blas_threads() -> dict:

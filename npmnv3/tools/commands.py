@@ -112,20 +112,23 @@ def cmd_weights(args) -> int:
     from ..io import registry as W
 
     if args.action == "list":
-        print(f"{'name':<9} {'model':<6} {'acc@1':>6} {'acc@5':>6} {'params':>10} {'resize':>6} "
-              f"{'crop':>4}  {'file':<32} on disk")
+        print(f"{'name':<16} {'model':<10} {'acc@1':>6} {'acc@5':>6} {'params':>10} "
+              f"{'resize':>6} {'crop':>4}  {'file':<40} on disk")
         for e in W.REGISTRY.values():
-            print(f"{e.name:<9} {e.arch:<6} {e.acc1:6.3f} {e.acc5:6.3f} {e.num_params:>10,} "
-                  f"{e.resize_size:>6} {e.crop_size:>4}  {e.file_name:<32} "
+            model = f"{e.arch} int8" if e.quantized else e.arch
+            print(f"{e.name:<16} {model:<10} {e.acc1:6.3f} {e.acc5:6.3f} {e.num_params:>10,} "
+                  f"{e.resize_size:>6} {e.crop_size:>4}  {e.file_name:<40} "
                   f"{W.status(e) or '-'}")
         print("aliases: " + ", ".join(f"{a} -> {n}" for a, n in W.ALIASES.items())
-              + "; defaults: " + ", ".join(f"--model {m}: {n}" for m, n in W.DEFAULTS.items()))
+              + "; defaults: " + ", ".join(f"--model {m}: {n}" for m, n in W.DEFAULTS.items())
+              + ", " + ", ".join(f"--quantized --model {m}: {n}"
+                                 for m, n in W.QUANTIZED_DEFAULTS.items()))
         print(f"weights directory: {W.weights_dir()} (NPMNV3_HOME)")
         print(f"torch hub cache:   {W.torch_hub_dir()} (reused when the file is there)")
         return 0
     entry = W.get(args.name)
     if args.action == "path":
-        path = W.weights_dir() / entry.npz_name
+        path = W.weights_dir() / (entry.file_name if entry.quantized else entry.npz_name)
         print(path)
         if not path.is_file():
             print(f"npmnv3 weights: {entry.name} is not downloaded yet: npmnv3 weights fetch "
@@ -134,8 +137,10 @@ def cmd_weights(args) -> int:
         return 0
     before = W.status(entry)
     path = W.fetch(entry.name, progress=True)
-    how = {"npz": "already there", "pth": f"converted from {entry.file_name}",
-           "torch hub cache": f"converted from torch hub's {W.torch_hub_dir() / entry.file_name}",
+    how = {"npz": "already there", "pth": "already there" if entry.quantized else
+           f"converted from {entry.file_name}",
+           "torch hub cache": f"{'read from' if entry.quantized else 'converted from'} torch "
+                              f"hub's {W.torch_hub_dir() / entry.file_name}",
            "": f"downloaded {entry.url()}"}[before]
     print(f"{entry.name}: {path} ({how}; sha256 {entry.sha256_prefix}... verified)")
     return 0
@@ -147,7 +152,8 @@ def cmd_classify(args) -> int:
     from .classify import classify, format_results
 
     results = classify(args.images, args.model, args.weights, args.topk, progress=True,
-                       batch_size=args.batch_size, exif_transpose=not args.no_exif)
+                       batch_size=args.batch_size, exif_transpose=not args.no_exif,
+                       quantized=getattr(args, "quantized", False))
     good = [r for r in results if "top" in r]
     for r in results:
         if "top" not in r:
