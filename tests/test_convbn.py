@@ -24,6 +24,8 @@ CASES = [
     ("depthwise", 3, 4, 7, 7, 4, 5, 2, 2, 1, None),
     ("depthwise", 2, 3, 6, 5, 3, 3, 1, 2, 2, "relu"),          # dilated
 ]
+# stride 1 with >= FLAT_MAX_CHANNELS channels: the per-pixel channel loop, not the flat taps
+WIDE = [("depthwise", 2, 128, 5, 6, 128, 3, 1, 1, 1, "hardswish")]
 
 
 def make(rng, case, dtype):
@@ -57,7 +59,7 @@ def torch_ref(torch, x, w, bn, case, training, dout):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", CASES + WIDE, ids=str)
 def test_matches_torch(case, training, impl, dtype):
     """Output, dx, dW, dweight, dbias (random upstream gradient) and running statistics."""
     torch = require_torch()
