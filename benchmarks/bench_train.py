@@ -2,6 +2,8 @@
 
     python benchmarks/bench_train.py                    # Large + Small, batch 32
     python benchmarks/bench_train.py --arch small --reps 3
+    python benchmarks/bench_train.py --profile          # npmnv3 only: time per kernel kind
+    python benchmarks/bench_train.py --start            # npmnv3 only: cold and warm start
 
 A step is what ``npmnv3.train.fit`` does per batch: zero the gradients, forward in train mode
 (batch statistics, dropout), softmax cross-entropy, backward, SGD with momentum 0.9 and weight
@@ -36,13 +38,15 @@ def _npmnv3_step(arch, x, y):
     opt = SGD(model, lr=0.01, momentum=0.9, weight_decay=1e-5)
     rng = np.random.default_rng(0)
 
-    def step():
+    def step(optimizer=True):
         model.zero_grad()
         logits = model.forward(x, rng=rng)
         _, cache = cross_entropy_forward(logits, y)
         # as on torch's side, the input needs no gradient: parameters' gradients only
         model.backward(cross_entropy_backward(1.0, cache), input_grad=False)
-        opt.step()
+        if optimizer:
+            opt.step()
+    step.opt = opt
     return step
 
 
@@ -67,14 +71,65 @@ def _torch_step(arch, x, y, channels_last):
     return step
 
 
-def worker(side: str, arch: str, batch: int, reps: int) -> dict:
-    """Time ``reps`` steps in this (fresh) process; returns a dict printed as JSON."""
-    if side == "npmnv3":      # first, as the README says: it sets NumPy's OpenBLAS thread timeout
-        import npmnv3  # noqa: F401
+def _inputs(batch):
     import numpy as np
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)
     y = rng.integers(0, 1000, batch).astype(np.int64)
+    return x, y
+
+
+def profile_worker(arch: str, batch: int, reps: int) -> dict:
+    """npmnv3's step, every kernel call timed (``train_profile.py``); rows as JSON."""
+    import train_profile
+
+    import npmnv3  # noqa: F401
+
+    def make_step():
+        step = _npmnv3_step(arch, *_inputs(batch))
+        return step, step.opt
+    return {"rows": train_profile.run(arch, batch, reps, make_step)}
+
+
+def start_worker(arch: str, batch: int) -> dict:
+    """Seconds from this worker's first line to the end of its first training step, split into
+    ``import npmnv3`` + model + optimizer, and the first step (compiling whatever Numba's cache
+    lacks); the parent adds the interpreter's own start."""
+    t0 = time.perf_counter()
+    import npmnv3  # noqa: F401
+    step = _npmnv3_step(arch, *_inputs(batch))
+    t1 = time.perf_counter()
+    step()
+    t2 = time.perf_counter()
+    step()
+    return {"setup_s": t1 - t0, "first_step_s": t2 - t1, "second_step_s": time.perf_counter() - t2,
+            "done": time.time() - (time.perf_counter() - t2)}
+
+
+def start(arch: str, batch: int) -> dict:
+    """A cold start (``NUMBA_CACHE_DIR`` an empty temporary directory) then a warm one (the cache
+    the cold start wrote), each a fresh worker; ``to_first_step_s`` includes Python's start."""
+    import tempfile
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        for name in ("cold", "warm"):
+            t = time.time()
+            r = run_worker(__file__, "start", "--arch", arch, "--batch", str(batch), "--reps", "1",
+                           env={"NUMBA_CACHE_DIR": cache})
+            r["to_first_step_s"] = r.pop("done") - t
+            out[name] = r
+    return out
+
+
+def worker(side: str, arch: str, batch: int, reps: int) -> dict:
+    """Time ``reps`` steps in this (fresh) process; returns a dict printed as JSON."""
+    if side == "npmnv3":      # first, as the README says: it sets NumPy's OpenBLAS thread timeout
+        import npmnv3  # noqa: F401
+    if side == "profile":
+        return profile_worker(arch, batch, reps)
+    if side == "start":
+        return start_worker(arch, batch)
+    x, y = _inputs(batch)
     step = (_npmnv3_step(arch, x, y) if side == "npmnv3" else
             _torch_step(arch, x, y, channels_last=side == "torch-cl"))
     for _ in range(2):
@@ -98,10 +153,31 @@ def main():
     ap.add_argument("--arch", nargs="+", default=["large", "small"])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--profile", action="store_true",
+                    help="npmnv3 only: time every kernel call, grouped by pass and kind")
+    ap.add_argument("--start", action="store_true",
+                    help="npmnv3 only: time to the first step with an empty and a warm Numba cache")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.arch[0], args.batch, args.reps)))
+        return
+    if args.profile:
+        import train_profile
+        for arch in args.arch:
+            rows = measure("profile", arch, args.batch, args.reps)["rows"]
+            print(train_profile.table(arch, args.batch, rows), flush=True)
+        return
+    if args.start:
+        print(f"# start of a training process, batch {args.batch}: empty vs warm Numba cache, "
+              f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC\n")
+        print("| model | cache | to end of first step s | import + model s | first step s "
+              "| second step s |")
+        print("|---|---|---:|---:|---:|---:|")
+        for arch in args.arch:
+            for name, r in start(arch, args.batch).items():
+                print(f"| {arch} | {name} | {r['to_first_step_s']:.1f} | {r['setup_s']:.2f} | "
+                      f"{r['first_step_s']:.2f} | {r['second_step_s']:.2f} |", flush=True)
         return
     import numba
     import numpy as np

@@ -12,6 +12,7 @@ from npmnv3.kernels import (
     pointwise_backward,
     pointwise_forward,
 )
+from npmnv3.kernels.channels_last import FLAT_MAX_CHANNELS, flat_taps
 
 DTYPES = [np.float32, np.float64]
 IMPLS = ("naive", "fast")
@@ -199,6 +200,29 @@ def test_depthwise_matches_torch(case, impl, dtype):
         assert_close("db", db, grads[2], dtype)
     else:
         assert db is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [FLAT_MAX_CHANNELS - 1, FLAT_MAX_CHANNELS])
+def test_depthwise_both_stride1_loops_match_torch(C, dtype):
+    """Stride 1 runs flat taps over whole rows below FLAT_MAX_CHANNELS channels, the per-pixel
+    channel loop from there on (DW_CASES have 6 channels): both against torch and naive."""
+    torch = require_torch()
+    assert flat_taps((3, 1, 1, 1), C) == (C < FLAT_MAX_CHANNELS)
+    rng = np.random.default_rng(17)
+    x, w, b = dw_make(rng, 2, 5, 6, 3, dtype, C=C, bias=True)
+    out, cache = depthwise_forward(x, w, b, padding=1)
+    dout = randn(rng, out.shape, dtype)
+    ref, grads = torch_conv(torch, x, w, b, 1, 1, 1, C, dout)
+    assert_close("out", out, ref, dtype)
+    fast = depthwise_backward(dout, cache)
+    for name, a, r in zip(("dx", "dw", "db"), fast, grads):
+        assert_close(name, a, r, dtype)
+    naive_out, naive_cache = depthwise_forward(x, w, b, padding=1, impl="naive")
+    assert_close("out vs naive", out, naive_out, dtype)
+    for name, a, r in zip(("dx", "dw", "db"), fast, depthwise_backward(dout, naive_cache,
+                                                                        impl="naive")):
+        assert_close(f"{name} vs naive", a, r, dtype)
 
 
 @pytest.mark.parametrize("case", DW_CASES, ids=str)

@@ -4,7 +4,8 @@ Each ``*_forward`` returns ``(out, cache)`` (batch norm also returns its new run
 and each ``*_backward(dout, cache)`` returns the gradients of every array argument, in the
 forward's argument order. Every kernel has a plain NumPy version (``*_naive``) that reads like
 the formula and a fast version (``*_fast``: BLAS through NumPy, Numba loops); the public name
-takes ``impl="fast"`` (default) or ``impl="naive"``.
+takes ``impl="fast"`` (default) or ``impl="naive"``. The fast kernels keep activations
+channels-last in memory (``channels_last.py``): same NCHW shapes and values, faster loops.
 
 The segmentation heads add ``interpolate`` (torch's bilinear resize), ``sigmoid`` and ``merge``
 (channel concatenation, the per-channel product of a gate).
@@ -34,6 +35,7 @@ from .batchnorm import (
     batchnorm_forward,
 )
 from .conv2d import conv2d_backward, conv2d_forward, pointwise_backward, pointwise_forward
+from .convbn import conv_bn_act_backward, conv_bn_act_forward
 from .depthwise import depthwise_backward, depthwise_forward
 from .dropout import dropout_backward, dropout_forward
 from .interpolate import bilinear_backward, bilinear_forward
@@ -76,6 +78,7 @@ __all__ = [
     "channel_scale_backward", "channel_scale_forward",
     "concat_backward", "concat_forward",
     "conv2d_backward", "conv2d_forward",
+    "conv_bn_act_backward", "conv_bn_act_forward",
     "cross_entropy_backward", "cross_entropy_forward",
     "depthwise_backward", "depthwise_forward",
     "dropout_backward", "dropout_forward",

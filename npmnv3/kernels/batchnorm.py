@@ -33,11 +33,20 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
 
 from ._checks import check_array, check_shape, choose_impl
 from .activations import ActCache, activation_backward, activation_forward
-from .epilogue import act_code, act_grad, apply_act
+from .channels_last import (
+    affine_act,
+    batch_stats,
+    bn_dx,
+    grad_sums,
+    kernel_consts,
+    nchw_view,
+    num_tasks,
+    to_nhwc,
+)
+from .epilogue import act_code
 
 
 class BatchNormStats(NamedTuple):
@@ -142,172 +151,104 @@ def _check_dout(dout, x):
 
 
 # ----------------------------------------------------------------------------- fast (Numba)
-# Sums and statistics: one task per channel, accumulated in float64. Element-wise passes: one
-# task per (image, channel) plane.
+# The loops are ``channels_last.py``'s: x is taken as channels-last memory, a (P, C) matrix with
+# P = N*H*W, so every per-channel sum is vectorised over channels; sums are float64. The
+# pre-activation v = alpha*x + beta is evaluated in float64 and rounded to x's dtype (torch's
+# eval kernel is an FMA: one rounding); the activation and its gradient come from
+# ``epilogue.py`` (torch's order and kink conventions), so the fused results are bitwise those
+# of batch norm followed by the activation. ``bn_affine`` and ``bn_backward_coefs`` are shared
+# with the fused convolution kernels (``convbn.py``).
 
-def _bn_stats_loops(x, mean, var):
-    # One pass over x. Each row: float64 sums of t = x - (the row's first value) give the row's
-    # mean and sum of squared deviations; rows are merged with Chan et al.'s pairwise update
-    # (no E[x^2] - E[x]^2 cancellation, however large the mean).
-    N, C, H, W = x.shape
-    for c in prange(C):
-        cnt = 0.0
-        mu = 0.0
-        m2 = 0.0
-        for n in range(N):
-            for i in range(H):
-                k = np.float64(x[n, c, i, 0])
-                r = 0.0
-                r2 = 0.0
-                for j in range(W):
-                    t = np.float64(x[n, c, i, j]) - k
-                    r += t
-                    r2 += t * t
-                row_mu = k + r / W
-                row_m2 = r2 - r * r / W
-                tot = cnt + W
-                delta = row_mu - mu
-                mu += delta * (W / tot)
-                m2 += row_m2 + delta * delta * (cnt * W / tot)
-                cnt = tot
-        mean[c] = mu
-        var[c] = max(m2 / cnt, 0.0)
-
-
-# --- batch norm + activation (the Conv-BN-Act tail) -----------------------------------------
-# act codes (``epilogue.ACT_CODES``): 0 none, 1 ReLU, 2 hard-swish. The pre-activation
-# v = alpha*x + beta is evaluated in float64 and rounded to x's dtype (torch's eval kernel is
-# an FMA: one rounding); the activation and its gradient come from ``epilogue.py`` (torch's
-# order and kink conventions), so the fused results are bitwise those of batch norm followed
-# by the activation.
-# act 0 is plain batch norm: ``batchnorm_*_fast`` run these same loops.
-
-def _bn_act_fwd_loops(x, alpha, beta, act, z, three, six, out, pre):
-    # pre: the pre-activation is also written there if it has x's size (else it is empty)
-    N, C, H, W = x.shape
-    keep = pre.size == x.size
-    for nc in prange(N * C):
-        n, c = nc // C, nc % C
-        a = np.float64(alpha[c])
-        b = np.float64(beta[c])
-        for i in range(H):
-            for j in range(W):
-                v = x.dtype.type(a * x[n, c, i, j] + b)
-                if keep:
-                    pre[n, c, i, j] = v
-                out[n, c, i, j] = apply_act(v, act, z, three, six)
-
-
-def _bn_act_grad_sums_loops(x, dout, alpha, beta, act, mean, rstd, z, three, half, dweight,
-                            dbias, g_out):
-    # with an activation, g = act'(alpha*x + beta) * dout is stored in g_out (the future dx
-    # buffer) on the way; without one g is dout itself and nothing is stored
-    N, C, H, W = x.shape
-    for c in prange(C):
-        sb = 0.0
-        sw = 0.0
-        mu = np.float64(mean[c])
-        a = np.float64(alpha[c])
-        b = np.float64(beta[c])
-        for n in range(N):
-            for i in range(H):
-                for j in range(W):
-                    xv = x[n, c, i, j]
-                    g = act_grad(act, x.dtype.type(a * xv + b), dout[n, c, i, j], z, three,
-                                  half)
-                    if act != 0:
-                        g_out[n, c, i, j] = g
-                    g64 = np.float64(g)
-                    sb += g64
-                    sw += g64 * (xv - mu)
-        dbias[c] = sb
-        dweight[c] = sw * rstd[c]
-
-
-def _bn_act_dx_loops(x, g, mean, k, dbias, sq, training, dx):
-    # training dx = k * (M*g - dbias - (x - mean) * sq); eval dx = g * k (g may be dx itself)
-    N, C, H, W = x.shape
-    M = N * H * W
-    for nc in prange(N * C):
-        n, c = nc // C, nc % C
-        kc = k[c]
-        if training:
-            mu = mean[c]
-            sb = dbias[c]
-            sqc = sq[c]
-            for i in range(H):
-                for j in range(W):
-                    dx[n, c, i, j] = kc * (M * np.float64(g[n, c, i, j]) - sb
-                                           - (x[n, c, i, j] - mu) * sqc)
-        else:
-            for i in range(H):
-                for j in range(W):
-                    dx[n, c, i, j] = g[n, c, i, j] * kc
-
-
-_par = njit(cache=True, parallel=True)
-_bn_act_fwd = _par(_bn_act_fwd_loops)
-_bn_act_grad_sums = _par(_bn_act_grad_sums_loops)
-_bn_act_dx = _par(_bn_act_dx_loops)
-_bn_stats = _par(_bn_stats_loops)
-
-
-def _forward_core(x, weight, bias, running_mean, running_var, act, training, momentum, eps,
-                  num_batches_tracked, keep_pre=False):
-    """act(batch norm(x)) with the fast loops: (out, BatchNormCache, stats, alpha, beta, pre);
-    ``pre`` (the pre-activation, written in the same pass) only if ``keep_pre``."""
-    _check_args(x, weight, bias, running_mean, running_var, training)
-    x = np.ascontiguousarray(x)
-    C = x.shape[1]
-    dt = x.dtype
+def bn_affine(mv, weight, bias, running_mean, running_var, training, momentum, eps,
+              num_batches_tracked, M):
+    """Batch norm's per-channel map alpha*x + beta from the batch statistics ``mv`` (2, C)
+    float64 (training) or the running ones (eval). Returns ``(mean, rstd, bc, stats)``: mean
+    and rstd in the dtype (for the cache), ``bc`` (6, C) float64 with rows alpha, beta, mean
+    filled (``channels_last.py``), and the new running statistics."""
+    dt = weight.dtype
     if training:
-        M = x.shape[0] * x.shape[2] * x.shape[3]
-        mean64, var64 = np.empty(C), np.empty(C)
-        _bn_stats(x, mean64, var64)
+        mean64, var64 = mv[0], mv[1]
         rstd64 = 1 / np.sqrt(var64 + eps)
         alpha = rstd64 * weight
         beta = bias - mean64 * alpha
         stats = _new_stats(mean64, var64, M, running_mean, running_var, momentum,
                            num_batches_tracked)
-        cache = BatchNormCache(x, weight, mean64.astype(dt), rstd64.astype(dt), True)
+        mean, rstd = mean64.astype(dt), rstd64.astype(dt)
     else:
         rstd, alpha, beta = _eval_affine(weight, bias, running_mean, running_var, eps)
         stats = BatchNormStats(running_mean, running_var, int(num_batches_tracked))
-        cache = BatchNormCache(x, weight, running_mean, rstd, False)
-    alpha, beta = np.asarray(alpha, np.float64), np.asarray(beta, np.float64)
-    out = np.empty_like(x)
-    pre = np.empty_like(x) if keep_pre else np.empty((0, 0, 0, 0), dt)
-    t = dt.type
-    _bn_act_fwd(x, alpha, beta, act_code(act), t(0), t(3), t(6), out, pre)
-    return out, cache, stats, alpha, beta, (pre if keep_pre else None)
+        mean = running_mean
+    return mean, rstd, coefs(alpha, beta, mean), stats
+
+
+def coefs(alpha, beta, mean):
+    """The (6, C) float64 coefficient rows of ``channels_last.py``: alpha, beta, mean, then
+    k1, sb, sq (filled by ``bn_backward_coefs``)."""
+    bc = np.zeros((6, len(alpha)))
+    bc[0], bc[1], bc[2] = alpha, beta, mean
+    return bc
+
+
+def bn_backward_coefs(bc, cache: BatchNormCache, sums, M):
+    """From ``grad_sums``' sums (2, C) of g and g * (x - mean): fill bc's rows k1, sb, sq and
+    return ``(mode, dweight, dbias)`` (mode 1 training, 2 eval; gradients in the dtype)."""
+    _, weight, _, rstd, training = cache
+    dbias64 = sums[0]
+    dweight64 = sums[1] * rstd
+    r64 = rstd.astype(np.float64)
+    if training:                           # dx = k1 * (M*g - dbias - (x - mean) * sq)
+        bc[3], bc[4], bc[5] = weight * r64 / M, dbias64, dweight64 * r64
+    else:                                  # dx = g * weight * rstd
+        bc[3] = (weight * rstd).astype(np.float64)
+    dt = weight.dtype
+    return (1 if training else 2), dweight64.astype(dt), dbias64.astype(dt)
+
+
+def _forward_core(x, weight, bias, running_mean, running_var, act, training, momentum, eps,
+                  num_batches_tracked, keep_pre=False):
+    """act(batch norm(x)) with the fast loops: (out, BatchNormCache, stats, bc, pre); ``pre``
+    (the pre-activation, written in the same pass) only if ``keep_pre``."""
+    _check_args(x, weight, bias, running_mean, running_var, training)
+    xl = to_nhwc(x)                                            # (N, H, W, C)
+    C, dt = xl.shape[3], xl.dtype
+    x2 = xl.reshape(-1, C)                                     # (P, C)
+    T = num_tasks(len(x2))
+    mv = np.zeros((2, C))
+    if training:
+        batch_stats(x2, T, mv)
+    mean, rstd, bc, stats = bn_affine(mv, weight, bias, running_mean, running_var, training,
+                                      momentum, eps, num_batches_tracked, len(x2))
+    out = np.empty_like(xl)
+    pre = np.empty_like(xl) if keep_pre else np.empty((0, 0, 0, C), dt)
+    affine_act(x2, bc, act_code(act), kernel_consts(dt), T, out.reshape(-1, C),
+               pre.reshape(-1, C))
+    cache = BatchNormCache(nchw_view(xl), weight, mean, rstd, training)
+    return nchw_view(out), cache, stats, bc, (nchw_view(pre) if keep_pre else None)
 
 
 def _backward_core(dout, cache: BatchNormCache, act, alpha, beta):
-    """Two passes: the sums of g = act'(alpha*x + beta) * dout (g = dout without act) and of
-    g * (x - mean), g kept in the dx buffer; then dx from g (in place). (dx, dweight, dbias)."""
-    x, weight, mean, rstd, training = cache
+    """Two passes: the sums of g = act'(alpha*x + beta) * dout and of g * (x - mean), then dx
+    from g (recomputed, never stored). Returns (dx, dweight, dbias)."""
+    x = cache.x
     _check_dout(dout, x)
-    dout = np.ascontiguousarray(dout)
-    C = x.shape[1]
-    dt = x.dtype
-    t = dt.type
-    dweight64, dbias64 = np.empty(C), np.empty(C)
-    dx = np.empty_like(x)
-    _bn_act_grad_sums(x, dout, alpha, beta, act_code(act), mean, rstd, t(0), t(3), t(0.5),
-                      dweight64, dbias64, dx)
-    g = dx if act else dout
-    if training:
-        M = x.shape[0] * x.shape[2] * x.shape[3]
-        r64 = rstd.astype(np.float64)
-        _bn_act_dx(x, g, mean, weight * r64 / M, dbias64, dweight64 * r64, True, dx)
-    else:
-        _bn_act_dx(x, g, mean, (weight * rstd).astype(np.float64), dbias64, dbias64, False, dx)
-    return dx, dweight64.astype(dt), dbias64.astype(dt)
+    xl = to_nhwc(x)
+    C, dt = xl.shape[3], xl.dtype
+    x2, d2 = xl.reshape(-1, C), to_nhwc(dout).reshape(-1, C)
+    T = num_tasks(len(x2))
+    bc = coefs(alpha, beta, cache.mean)
+    sums = np.empty((2, C))
+    kc = kernel_consts(dt)
+    grad_sums(x2, d2, bc, act_code(act), kc, T, sums)
+    mode, dweight, dbias = bn_backward_coefs(bc, cache, sums, len(x2))
+    dx = np.empty_like(xl)
+    bn_dx(x2, d2, bc, act_code(act), mode, kc, T, dx.reshape(-1, C))
+    return nchw_view(dx), dweight, dbias
 
 
 def batchnorm_forward_fast(x, weight, bias, running_mean, running_var, *, training,
                            momentum=0.1, eps=1e-5, num_batches_tracked=0):
-    """Same contract as ``batchnorm_forward_naive``; fused Numba passes, float64 sums."""
+    """Same contract as ``batchnorm_forward_naive``; Numba passes on channels-last memory
+    (the output is channels-last too, ``channels_last.py``), float64 sums."""
     out, cache, stats, *_ = _forward_core(x, weight, bias, running_mean, running_var, None,
                                           training, momentum, eps, num_batches_tracked)
     return out, cache, stats
@@ -315,8 +256,8 @@ def batchnorm_forward_fast(x, weight, bias, running_mean, running_var, *, traini
 
 def batchnorm_backward_fast(dout, cache: BatchNormCache):
     """Same contract as ``batchnorm_backward_naive``: ``(dx, dweight, dbias)``."""
-    unused = np.zeros(cache.x.shape[1])
-    return _backward_core(dout, cache, None, unused, unused)
+    C = cache.x.shape[1]
+    return _backward_core(dout, cache, None, np.ones(C), np.zeros(C))
 
 
 # ----------------------------------------------------------------------------- batch norm + act
@@ -363,10 +304,10 @@ def batchnorm_act_forward_fast(x, weight, bias, running_mean, running_var, *, ac
     without storing the pre-activation (the backward recomputes it from x) unless ``keep_pre``
     (then the same pass also writes it, into ``cache.pre``: the numbers do not change)."""
     _check_act(act)
-    out, bn, stats, alpha, beta, pre = _forward_core(
+    out, bn, stats, bc, pre = _forward_core(
         x, weight, bias, running_mean, running_var, act, training, momentum, eps,
         num_batches_tracked, keep_pre)
-    return out, BatchNormActCache(bn, act, alpha, beta, pre), stats
+    return out, BatchNormActCache(bn, act, bc[0], bc[1], pre), stats
 
 
 def batchnorm_act_backward_fast(dout, cache: BatchNormActCache):

@@ -9,7 +9,8 @@ Ho Wo output size, kH kW kernel size, s stride, p zero padding, d dilation, L = 
 with ``xp`` the input zero-padded by ``p`` on every side and ``c'`` the channel's index inside its
 group. Weights use torch's layout (K, C/G, kH, kW). MobileNetV3 uses the general case for its
 3x3 stride-2 stem, and 1x1 convolutions (``pointwise_*``: one matrix multiply per image) for
-expansion, projection, the head and squeeze-and-excitation.
+expansion, projection and the last conv. The fast 1x1 kernels work on channels-last memory
+(``channels_last.py``) and return channels-last arrays (same shapes and values).
 """
 
 from __future__ import annotations
@@ -21,6 +22,17 @@ import numpy as np
 from numba import njit, prange
 
 from ._checks import check_array, check_conv_geometry, check_positive_int, check_shape, choose_impl
+from .channels_last import (
+    band_rows,
+    grad_band_rows,
+    kernel_consts,
+    nchw_view,
+    num_tasks,
+    plain_coefs,
+    pointwise_bwd,
+    pointwise_fwd,
+    to_nhwc,
+)
 from .depthwise import _tap_slice, _to_phases
 from .epilogue import apply_act
 from .threads import blas_single
@@ -305,34 +317,38 @@ def pointwise_backward_naive(dout, cache: PointwiseCache):
 
 @blas_single
 def pointwise_forward_fast(x, w, b=None):
-    """1x1 convolution as one GEMM per image: out_n (K, H*W) = W (K, C) @ x_n (C, H*W) + b."""
+    """1x1 convolution on channels-last memory (``channels_last.py``): one GEMM per band of
+    pixels, out (P, K) = x (P, C) @ W^T + b; the output is channels-last too."""
     _check_pointwise(x, w, b)
-    N, C, H, W = x.shape
+    xl = to_nhwc(x)                                                 # (N, H, W, C)
+    N, H, W, C = xl.shape
     K = w.shape[0]
-    x3 = x.reshape(N, C, H * W)                                     # (N, C, HW) view
-    out = np.matmul(w.reshape(K, C), x3)                            # (N, K, HW)
+    x2 = xl.reshape(-1, C)                                          # (P, C)
+    out = np.empty((N, H, W, K), dtype=x.dtype)
+    pointwise_fwd(x2, np.ascontiguousarray(w.reshape(K, C).T), band_rows(C + K, len(x2)),
+                  num_tasks(len(x2)), False, out.reshape(-1, K), np.zeros((2, K)))
     if b is not None:
-        out += b[:, None]
-    return out.reshape(N, K, H, W), PointwiseCache(x, w, b is not None)
+        out += b
+    return nchw_view(out), PointwiseCache(nchw_view(xl), w, b is not None)
 
 
 @blas_single
 def pointwise_backward_fast(dout, cache: PointwiseCache):
-    """dx_n = W^T @ dout_n;  dW = sum_n dout_n @ x_n^T;  db = sum over n, i, j of dout."""
+    """dX = dY @ W and dW = dY^T @ X, one GEMM each per band of pixels (channels-last)."""
     x, w, has_bias = cache
     N, C, H, W = x.shape
     K = w.shape[0]
     check_array("dout", dout, ndim=4, dtype=x.dtype)
     check_shape("dout", dout, (N, K, H, W), "the forward output's shape")
-    w2 = w.reshape(K, C)
-    dy = dout.reshape(N, K, H * W)                                  # (N, K, HW)
-    x3 = x.reshape(N, C, H * W)                                     # (N, C, HW)
-    dx = np.matmul(w2.T, dy).reshape(N, C, H, W)                    # (N, C, H, W)
-    dw = np.zeros((K, C), dtype=x.dtype)
-    for n in range(N):                                              # one GEMM per image
-        dw += dy[n] @ x3[n].T                                       # (K, C)
-    db = dy.sum(axis=(0, 2)) if has_bias else None
-    return dx, dw.reshape(w.shape), db
+    xl, dl = to_nhwc(x), to_nhwc(dout)
+    x2, d2 = xl.reshape(-1, C), dl.reshape(-1, K)                   # (P, C), (P, K)
+    dx = np.empty_like(xl)
+    dw = np.empty((K, C), dtype=x.dtype)
+    pointwise_bwd(x2, d2, d2, np.ascontiguousarray(w.reshape(K, C)), plain_coefs(K), 0, 0,
+                  kernel_consts(x.dtype), grad_band_rows(C, K, len(x2)),
+                  num_tasks(len(x2)), True, dx.reshape(-1, C), dw)
+    db = d2.sum(axis=0) if has_bias else None
+    return nchw_view(dx), dw.reshape(w.shape), db
 
 
 # ----------------------------------------------------------------------------- public API

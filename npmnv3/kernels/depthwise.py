@@ -13,9 +13,10 @@ Backward:  dx[n, c, i*s+u*d-p, j*s+v*d-p] += w[c, u, v] dout[n, c, i, j]
            db[c] = sum_{n, i, j} dout[n, c, i, j]
 
 The naive version is the formula as kH*kW shifted multiply-adds over whole arrays. The fast
-version is a Numba loop over (n, c) planes in a flattened polyphase layout (explained above
-``_dw_fwd_loops``) where every kernel tap is one contiguous multiply-add; backward computes dx,
-dw and db in a single pass over dout.
+version runs on channels-last memory (``channels_last.py``): every kernel tap is a multiply-add
+over a row of pixels, vectorised over channels; backward computes dx, dw and db in a single pass
+over dout. ``_dw_fwd`` (below) is the eval engine's plane-by-plane forward (``nn/folded.py``):
+(n, c) planes in a flattened polyphase layout where every tap is one contiguous multiply-add.
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ import numpy as np
 from numba import njit, prange
 
 from ._checks import check_array, check_conv_geometry, check_shape, choose_impl
+from .channels_last import (
+    depthwise_bwd,
+    depthwise_fwd,
+    flat_taps,
+    kernel_consts,
+    nchw_view,
+    num_tasks,
+    plain_coefs,
+    to_nhwc,
+)
 from .epilogue import apply_act
 
 
@@ -119,8 +130,6 @@ def _chunks(total, per_thread=8):
 #       acc[0:L] += w[u, v] * phase[(u*d) % s, (v*d) % s][off : off + L],
 #       off = (u*d // s) * Wh + (v*d // s)
 #   so every tap is a single long vectorisable loop, whatever the stride and plane size.
-# Backward runs the same slices in reverse: dphase[off:off+L] += w[u, v] * dout_wide and
-# dw[u, v] += dot(dout_wide, phase[off:off+L]) (scratch slots of dout_wide are zero).
 
 def _to_phases(plane, s, p, Hh, Wh, ph):
     """Scatter an (H, W) plane into ph (s*s, Hh*Wh): padded pixel (r, q) -> phase (r%s, q%s).
@@ -137,19 +146,6 @@ def _to_phases(plane, s, p, Hh, Wh, ph):
             if j0 < W:
                 start = base + (j0 + p) // s
                 ph[row + b, start:start + (W - j0 + s - 1) // s] = plane[i, j0::s]
-
-
-def _from_phases(ph, s, p, Wh, plane):
-    """Gather the (H, W) interior of the padded plane back out of its phases."""
-    H, W = plane.shape
-    for i in range(H):
-        r = i + p
-        row, base = (r % s) * s, (r // s) * Wh
-        for b in range(s):
-            j0 = (b - p) % s
-            if j0 < W:
-                start = base + (j0 + p) // s
-                plane[i, j0::s] = ph[row + b, start:start + (W - j0 + s - 1) // s]
 
 
 def _tap_slice(ph, s, d, Wh, L, u, v):
@@ -207,85 +203,49 @@ def _dw_fwd_loops(x, w, b, s, p, d, cdiv, nchunks, act, z, three, six, pool, out
                 pool[q] = total / (Ho * Wo)
 
 
-def _dw_bwd_loops(x, w, dout, s, p, d, nchunks, dx, dw, db):
-    N, C, H, W = x.shape
-    kH, kW = w.shape[1], w.shape[2]
-    Ho, Wo = dout.shape[2], dout.shape[3]
-    Hh, Wh = (H + 2 * p + s - 1) // s, (W + 2 * p + s - 1) // s
-    L = (Ho - 1) * Wh + Wo
-    for chunk in prange(nchunks):                 # chunks of channels: no write conflicts
-        ph = np.zeros((s * s, Hh * Wh), dtype=x.dtype)
-        dph = np.empty((s * s, Hh * Wh), dtype=x.dtype)
-        g = np.zeros(L, dtype=x.dtype)            # dout in the wide layout; scratch slots stay 0
-        for c in range(chunk * C // nchunks, (chunk + 1) * C // nchunks):
-            acc = np.zeros((kH, kW))              # float64 accumulators for dw[c]
-            bacc = 0.0
-            for n in range(N):
-                _to_phases(x[n, c], s, p, Hh, Wh, ph)
-                for i in range(Ho):
-                    g[i * Wh:i * Wh + Wo] = dout[n, c, i]
-                bacc += np.sum(dout[n, c])
-                dph[:, :] = 0
-                for u in range(kH):
-                    for v in range(kW):
-                        wv = w[c, u, v]
-                        off = (u * d // s) * Wh + (v * d // s)
-                        k = ((u * d) % s) * s + (v * d) % s
-                        dst = dph[k][off:off + L]
-                        src = ph[k][off:off + L]
-                        part = g[0] * 0                   # dw partial sum, input dtype
-                        for t in range(L):
-                            dst[t] += wv * g[t]
-                            part += g[t] * src[t]
-                        acc[u, v] += part
-                _from_phases(dph, s, p, Wh, dx[n, c])
-            for u in range(kH):
-                for v in range(kW):
-                    dw[c, u, v] = acc[u, v]
-            db[c] = bacc
-
-
 _to_phases = njit(cache=True)(_to_phases)
-_from_phases = njit(cache=True)(_from_phases)
 _tap_slice = njit(cache=True, inline="always")(_tap_slice)
 _dw_fwd = njit(cache=True, parallel=True)(_dw_fwd_loops)
-# fastmath "reassoc" only lets LLVM vectorise the dw partial sum (a reduction, summed in a
-# different order); every other operation in the kernel has nothing to reassociate, and no
-# contraction into FMA is allowed, so dx keeps exactly the rounding of the plain loop.
-_dw_bwd = njit(cache=True, parallel=True, fastmath={"reassoc"})(_dw_bwd_loops)
 
 
-def depthwise_forward_fast(x, w, b=None, *, stride=1, padding=0, dilation=1, act=0):
-    """Same contract as ``depthwise_forward_naive``; Numba tasks over chunks of (n, c) planes.
-
-    ``act`` (1 ReLU, 2 hard-swish) fuses an activation into the output pass (the cache then
-    describes the convolution before the activation).
-    """
+def depthwise_forward_fast(x, w, b=None, *, stride=1, padding=0, dilation=1):
+    """Same contract as ``depthwise_forward_naive``, on channels-last memory
+    (``channels_last.depthwise_fwd``: every tap a multiply-add vectorised over channels; tasks
+    are images and bands of rows); the output is channels-last too."""
     Ho, Wo = _check_args(x, w, b, stride, padding, dilation)
-    N, C = x.shape[:2]
-    xc = np.ascontiguousarray(x)
-    w3 = np.ascontiguousarray(w[:, 0])                              # (C, kH, kW)
-    bias = b if b is not None else np.zeros(C, dtype=x.dtype)
-    out = np.empty((N, C, Ho, Wo), dtype=x.dtype)
-    t = x.dtype.type
-    _dw_fwd(xc.reshape(N * C, *xc.shape[2:]), w3, bias, stride, padding, dilation, 1,
-            _chunks(N * C), act, t(0), t(3), t(6), np.empty(0, x.dtype),
-            out.reshape(N * C, Ho, Wo))
-    return out, DepthwiseCache(x, w, b is not None, stride, padding, dilation)
+    xl = to_nhwc(x)                                                 # (N, H, W, C)
+    N, C, k = xl.shape[0], xl.shape[3], w.shape[2]
+    out = np.empty((N, Ho, Wo, C), dtype=x.dtype)
+    rb = -(-N * Ho // num_tasks(N * Ho))                            # rows per task
+    geom = (k, stride, padding, dilation)
+    depthwise_fwd(xl, _taps(w), b if b is not None else np.zeros(C, x.dtype), geom,
+                  flat_taps(geom, C), min(rb, Ho), False, out,
+                  np.zeros((2, C)))
+    return nchw_view(out), DepthwiseCache(nchw_view(xl), w, b is not None, stride, padding,
+                                          dilation)
+
+
+def _taps(w):
+    """(C, 1, k, k) weights -> (k*k, C): one row of channel weights per tap."""
+    C, k = w.shape[0], w.shape[2]
+    return np.ascontiguousarray(w.reshape(C, k * k).T)
 
 
 def depthwise_backward_fast(dout, cache: DepthwiseCache):
-    """Same contract as ``depthwise_backward_naive``; one pass computes dx, dw and db."""
+    """Same contract as ``depthwise_backward_naive``; one pass per image computes dx, dw and db
+    (``channels_last.depthwise_bwd``, vectorised over channels)."""
     _check_dout(dout, cache)
     x, w, has_bias, s, p, d = cache
-    C = x.shape[1]
-    xc = np.ascontiguousarray(x)
-    w3 = np.ascontiguousarray(w[:, 0])
-    dx = np.empty_like(xc)
-    dw3 = np.empty_like(w3)
+    xl, dl = to_nhwc(x), to_nhwc(dout)
+    C, k = xl.shape[3], w.shape[2]
+    dx = np.empty_like(xl)
+    dw = np.empty((k * k, C), dtype=x.dtype)
     db = np.empty(C, dtype=x.dtype)
-    _dw_bwd(xc, w3, np.ascontiguousarray(dout), s, p, d, _chunks(C), dx, dw3, db)
-    return dx, dw3.reshape(w.shape), (db if has_bias else None)
+    geom = (k, s, p, d)
+    depthwise_bwd(xl, dl, dl, _taps(w), plain_coefs(C), 0, 0, kernel_consts(x.dtype), geom,
+                  flat_taps(geom, C), dx, dw, db)
+    return nchw_view(dx), np.ascontiguousarray(dw.T).reshape(w.shape), (db if has_bias else
+                                                                         None)
 
 
 # ----------------------------------------------------------------------------- public API

@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
 
 from ._checks import check_array, check_shape, choose_impl
+from .channels_last import mean_pixels, nchw_view, to_nhwc
 
 
 class PoolCache(NamedTuple):
@@ -46,34 +46,23 @@ def _check_dout(dout, cache):
     check_shape("dout", dout, cache.shape[:2] + (1, 1), "the forward output's shape")
 
 
-def _mean_planes_loops(x, out):
-    P, L = x.shape
-    for q in prange(P):
-        s = 0.0
-        for t in range(L):
-            s += x[q, t]
-        out[q] = s / L
-
-
-_mean_planes = njit(cache=True, parallel=True)(_mean_planes_loops)
-
-
 def avgpool_forward_fast(x):
-    """Same contract as ``avgpool_forward_naive``; one float64 sum per plane in Numba."""
+    """Same contract as ``avgpool_forward_naive``; one Numba pass on channels-last memory
+    (``channels_last.mean_pixels``: float64 sums, vectorised over channels)."""
     check_array("x", x, ndim=4)
     N, C, H, W = x.shape
-    out = np.empty((N, C, 1, 1), dtype=x.dtype)
-    _mean_planes(np.ascontiguousarray(x).reshape(N * C, H * W), out.reshape(N * C))
-    return out, PoolCache(x.shape, x.dtype)
+    out = np.empty((N, C), dtype=x.dtype)
+    mean_pixels(to_nhwc(x).reshape(N, H * W, C), out)
+    return out.reshape(N, C, 1, 1), PoolCache(x.shape, x.dtype)
 
 
 def avgpool_backward_fast(dout, cache: PoolCache):
-    """Same contract as ``avgpool_backward_naive``."""
+    """Same contract as ``avgpool_backward_naive``; the result is channels-last in memory."""
     N, C, H, W = cache.shape
     _check_dout(dout, cache)
-    dx = np.empty(cache.shape, dtype=cache.dtype)
-    dx[...] = dout / (H * W)
-    return dx
+    dx = np.empty((N, H, W, C), dtype=cache.dtype)
+    dx[...] = (dout / (H * W)).reshape(N, 1, 1, C)
+    return nchw_view(dx)
 
 
 def avgpool_forward(x, *, impl="fast"):

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
 
 from ._checks import check_array, check_shape, choose_impl
 from .activations import (
@@ -28,8 +27,8 @@ from .activations import (
     relu_backward,
     relu_forward,
 )
+from .channels_last import dot_pixels, nchw_view, scale_add_pixels, scale_pixels, to_nhwc
 from .linear import linear_backward, linear_forward
-from .merge import dgate_planes, scale_planes
 from .pool import avgpool_backward, avgpool_forward
 
 
@@ -105,30 +104,20 @@ def se_backward_naive(dout, cache: SECache):
 
 
 # ----------------------------------------------------------------------------- fast
-# The channel scale and dg = sum(dout * x) are ``merge.py``'s loops (LR-ASPP's gate uses them).
-
-def _dx_loops(dout, g, dpool, dx):
-    P, L = dout.shape
-    for q in prange(P):
-        gq = g[q]
-        share = dpool[q]
-        for t in range(L):
-            dx[q, t] = dout[q, t] * gq + share                           # dx_scale + dx_pool
-
-
-_dx = njit(cache=True, parallel=True)(_dx_loops)
-
+# On channels-last memory (``channels_last.py``): x3 (N, H*W, C), each pass vectorised over
+# channels, one task per image.
 
 def se_forward_fast(x, w1, b1, w2, b2):
-    """Same contract as ``se_forward_naive``; the channel scale is one Numba pass."""
+    """Same contract as ``se_forward_naive``; the squeeze (``avgpool_forward``) and the channel
+    scale are one Numba pass each, the output is channels-last."""
     _check_args(x, w1, b1, w2, b2)
-    x = np.ascontiguousarray(x)
-    N, C, H, W = x.shape
+    xl = to_nhwc(x)                                                     # (N, H, W, C)
+    N, H, W, C = xl.shape
+    x = nchw_view(xl)
     g, steps = _gate(x, w1, b1, w2, b2, "fast")
-    out = np.empty_like(x)
-    scale_planes(x.reshape(N * C, H * W), np.ascontiguousarray(g).reshape(N * C),
-                 out.reshape(N * C, H * W))
-    return out, SECache(x, g, *steps)
+    out = np.empty_like(xl)
+    scale_pixels(xl.reshape(N, H * W, C), np.ascontiguousarray(g), out.reshape(N, H * W, C))
+    return nchw_view(out), SECache(x, g, *steps)
 
 
 def se_backward_fast(dout, cache: SECache):
@@ -137,17 +126,17 @@ def se_backward_fast(dout, cache: SECache):
     check_array("dout", dout, ndim=4, dtype=x.dtype)
     check_shape("dout", dout, x.shape, "the forward output's shape")
     N, C, H, W = x.shape
-    d2 = np.ascontiguousarray(dout).reshape(N * C, H * W)
+    x3 = to_nhwc(x).reshape(N, H * W, C)
+    d3 = to_nhwc(dout).reshape(N, H * W, C)
     dg = np.empty((N, C), dtype=x.dtype)
-    dgate_planes(x.reshape(N * C, H * W), d2, dg.reshape(N * C))
+    dot_pixels(x3, d3, dg)
     dpooled, dw1, db1, dw2, db2 = _gate_backward(dg, cache, "fast")
     # The pool's gradient is the constant dpooled / (H W) on every pixel of a plane: it is
     # added inside the dx pass instead of materialising avgpool_backward's array.
     share = (dpooled / (H * W)).astype(x.dtype)
-    dx = np.empty_like(x)
-    _dx(d2, np.ascontiguousarray(g).reshape(N * C), share.reshape(N * C),
-        dx.reshape(N * C, H * W))
-    return dx, dw1, db1, dw2, db2
+    dx = np.empty((N, H, W, C), dtype=x.dtype)
+    scale_add_pixels(d3, np.ascontiguousarray(g), share, dx.reshape(N, H * W, C))
+    return nchw_view(dx), dw1, db1, dw2, db2
 
 
 # ----------------------------------------------------------------------------- public API

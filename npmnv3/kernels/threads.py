@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 _CONTROLLER = None
 _BLAS = None            # the lib controllers of every BLAS loaded when the controller was made
+_DEPTH = 0              # nesting depth of single_threaded_blas(): inner calls cost nothing
 
 
 def init():
@@ -54,16 +55,27 @@ def single_threaded_blas():
 
     threadpoolctl's own ``limit`` context re-selects the libraries on every entry (~40 us);
     this keeps the selection and costs a few ctypes calls, so it can wrap every GEMM call of
-    the reference kernels too.
+    the reference kernels too. Re-entrant: a nested call (a kernel inside a model's training
+    step, which holds the outer one) costs nothing and restores nothing.
     """
+    global _DEPTH
+    if _DEPTH:
+        _DEPTH += 1
+        try:
+            yield
+        finally:
+            _DEPTH -= 1
+        return
     libs = _blas_libs()
     before = [lib.get_num_threads() for lib in libs]
     for lib, n in zip(libs, before):
         if n != 1:
             lib.set_num_threads(1)
+    _DEPTH = 1
     try:
         yield
     finally:
+        _DEPTH = 0
         for lib, n in zip(libs, before):
             if n != 1:
                 lib.set_num_threads(n)

@@ -45,59 +45,39 @@ class Ctx(NamedTuple):
 class ConvBNActCache(NamedTuple):
     m: ConvBNAct
     impl: str
-    conv: tuple            # the convolution kernel's cache (its input x)
-    bn: tuple              # batchnorm_act's cache (its input, the conv output)
-
-
-def _conv_forward(x, w, m: ConvBNAct, impl):
-    if m.kind == "depthwise":
-        return K.depthwise_forward(x, w, stride=m.stride, padding=m.padding,
-                                   dilation=m.dilation, impl=impl)
-    if m.kind == "pointwise":
-        return K.pointwise_forward(x, w, impl=impl)
-    return K.conv2d_forward(x, w, stride=m.stride, padding=m.padding, dilation=m.dilation,
-                            groups=m.groups, impl=impl)
-
-
-def _conv_backward(dy, cache, m: ConvBNAct, impl, need_dx):
-    if m.kind == "depthwise":
-        return K.depthwise_backward(dy, cache, impl=impl)
-    if m.kind == "pointwise":
-        return K.pointwise_backward(dy, cache, impl=impl)
-    return K.conv2d_backward(dy, cache, impl=impl, need_dx=need_dx)
+    kernel: tuple          # conv_bn_act's cache (the conv input x, the conv output y)
 
 
 def conv_bn_act_forward(x, m: ConvBNAct, p, ctx: Ctx):
-    """torchvision's ``Conv2dNormActivation``:  z = act(BN(conv(x, W))).
-
-    x (N, C, H, W) -> z (N, K, Ho, Wo); act is ReLU, hard-swish or none (the projection).
-    """
-    y, c_conv = _conv_forward(x, p[f"{m.name}.0.weight"], m, ctx.impl)   # (N, K, Ho, Wo)
+    """torchvision's ``Conv2dNormActivation``:  z = act(BN(conv(x, W))), one kernel
+    (``kernels/convbn.py``). x (N, C, H, W) -> z (N, K, Ho, Wo); act is ReLU, hard-swish or
+    none (the projection)."""
     bn = f"{m.name}.1"
-    z, c_bn, stats = K.batchnorm_act_forward(
-        y, p[f"{bn}.weight"], p[f"{bn}.bias"], p[f"{bn}.running_mean"],
-        p[f"{bn}.running_var"], act=m.act, training=ctx.training, momentum=ctx.bn_momentum,
-        eps=ctx.bn_eps, num_batches_tracked=int(p[f"{bn}.num_batches_tracked"]),
+    z, c, stats = K.conv_bn_act_forward(
+        x, p[f"{m.name}.0.weight"], p[f"{bn}.weight"], p[f"{bn}.bias"],
+        p[f"{bn}.running_mean"], p[f"{bn}.running_var"], kind=m.kind, stride=m.stride,
+        padding=m.padding, dilation=m.dilation, groups=m.groups, act=m.act,
+        training=ctx.training, momentum=ctx.bn_momentum, eps=ctx.bn_eps,
+        num_batches_tracked=int(p[f"{bn}.num_batches_tracked"]),
         keep_pre=ctx.record is not None, impl=ctx.impl)                  # (N, K, Ho, Wo)
     if ctx.training:
         ctx.updates[f"{bn}.running_mean"] = stats.running_mean
         ctx.updates[f"{bn}.running_var"] = stats.running_var
         ctx.updates[f"{bn}.num_batches_tracked"] = np.array(stats.num_batches_tracked,
                                                             dtype=np.int64)
-    if ctx.record is not None:
-        ctx.record.update({f"{m.name}.0": y, f"{m.name}.1": c_bn.pre, m.name: z})
+    if ctx.record is not None:                 # conv output, BN output, activation output
+        ctx.record.update({f"{m.name}.0": c.bn.bn.x, f"{m.name}.1": c.bn.pre, m.name: z})
         if m.act:
             ctx.record[f"{m.name}.2"] = z
-    return z, ConvBNActCache(m, ctx.impl, c_conv, c_bn)
+    return z, ConvBNActCache(m, ctx.impl, c)
 
 
 def conv_bn_act_backward(dz, cache: ConvBNActCache, need_dx: bool = True):
     """dL/dx and {conv weight, BN weight, BN bias: gradients} from dz = dL/dz.
 
     ``need_dx=False`` skips dL/dx (the network's input needs none in training)."""
-    m, impl, c_conv, c_bn = cache
-    dy, dgamma, dbeta = K.batchnorm_act_backward(dz, c_bn, impl=impl)  # through act and BN
-    dx, dw, _ = _conv_backward(dy, c_conv, m, impl, need_dx)           # through the conv
+    m, impl, c = cache
+    dx, dw, dgamma, dbeta = K.conv_bn_act_backward(dz, c, need_dx=need_dx, impl=impl)
     return dx, {f"{m.name}.0.weight": dw, f"{m.name}.1.weight": dgamma,
                 f"{m.name}.1.bias": dbeta}
 

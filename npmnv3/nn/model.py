@@ -19,6 +19,8 @@ from typing import NamedTuple
 import numpy as np
 
 from ..io.statedict import check_state_dict
+from ..kernels.heap import keep_freed_memory
+from ..kernels.threads import single_threaded_blas
 from .blocks import (
     ClassifierCache,
     ConvBNActCache,
@@ -248,7 +250,15 @@ class MobileNetV3:
         return logits
 
     def _forward_blocks(self, x, ctx: Ctx, head: bool = True):
-        """The reference path: every block's forward in turn, caches kept for ``backward``."""
+        """The reference path: every block's forward in turn, caches kept for ``backward``.
+        BLAS runs single-threaded inside: the kernels' GEMMs are per thread, in Numba's loops
+        (``kernels/threads.py``); freed memory stays in the process for the next step
+        (``kernels/heap.py``)."""
+        keep_freed_memory()
+        with single_threaded_blas():
+            return self._forward_blocks_(x, ctx, head)
+
+    def _forward_blocks_(self, x, ctx: Ctx, head: bool):
         p = self._weights()
         h, c_stem = conv_bn_act_forward(x, self.stem, p, ctx)           # (N, 16, H/2, W/2)
         c_blocks = []
@@ -347,6 +357,10 @@ class MobileNetV3:
         dL/d(features output) is returned. One backward per forward: the caches are released.
         """
         trace = self._take_trace(dlogits)
+        with single_threaded_blas():
+            return self._backward(trace, dlogits, capture, input_grad)
+
+    def _backward(self, trace: Trace, dlogits, capture, input_grad):
         dy = np.asarray(dlogits).astype(self.dtype, copy=False)
         wanted = self._check_capture(capture)
         self.captured_grads = {}

@@ -1,0 +1,588 @@
+"""Channels-last (NHWC) Numba loops behind the fast training kernels.
+
+Legend: N batch, C in-channels, K out-channels, P = N*Ho*Wo pixels, k kernel size, s stride,
+p padding, d dilation; ``T`` tasks (bands of pixels or images, spread over Numba's threads).
+
+The fast kernels take and return NCHW arrays (torch's shapes) whose memory is channels-last:
+``a.transpose(0, 2, 3, 1)`` is C-contiguous (N, H, W, C), like ``torch.channels_last``
+(``to_nhwc`` / ``nchw_view``). Then every 1x1 convolution of a band of pixels is one contiguous
+GEMM (forward Y = X W^T, dX = dY W, dW = dY^T X); the depthwise, batch-norm and SE loops keep
+the channel index innermost, so LLVM vectorises them over channels whatever the image size.
+
+All parallelism is Numba's: each kernel is one ``prange`` over tasks, and a GEMM inside a task
+is a single-threaded BLAS call (``np.dot`` -> SciPy's cython_blas; the callers hold
+``threads.single_threaded_blas()``), so the two pools of a 2-core machine never fight.
+
+Batch norm rides along (``bc``, ``mode``): the forward convolutions also return the batch
+statistics of their output, computed on each band while it is in cache (``_band_stats``: float64
+sums of values shifted by the band's first row, bands merged by Chan et al.'s pairwise update,
+so no E[y^2] - E[y]^2 cancellation); the backward ones turn dL/dz into dL/dy on each band just
+before using it (``_dy_rows``), so dL/dy is never stored. Sums over tasks are merged in task
+order: results do not depend on thread timing.
+
+``bc`` (6, K) float64 rows: alpha, beta (pre-activation y' = alpha*y + beta), mean, k1, sb, sq:
+    mode 1 (training)  dy = k1 * (M * g - sb - (y - mean) * sq)     g = act'(y') * dz
+    mode 2 (eval)      dy = k1 * g
+    mode 0 (plain)     dy = dz       (a convolution's own backward, no batch norm)
+``kc`` = (0, 3, 6, 1/2) in the data's dtype (``epilogue.consts``).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .epilogue import act_grad, apply_act, consts
+
+_jit = njit(cache=True)
+_par = njit(cache=True, parallel=True)
+BAND_BYTES = 1 << 18        # a band of pixel rows (inputs + outputs) sized to stay in L2
+
+
+def to_nhwc(x):
+    """The (N, H, W, C) C-contiguous array holding NCHW array ``x`` (a view if ``x`` is
+    already channels-last in memory, else a copy)."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+
+def nchw_view(a):
+    """(N, C, H, W) view of a channels-last (N, H, W, C) array: torch's shape, NHWC memory."""
+    return a.transpose(0, 3, 1, 2)
+
+
+def kernel_consts(dtype):
+    """``epilogue.consts`` packed as the ``kc`` array the loops take."""
+    return np.array(consts(dtype), dtype=dtype)
+
+
+def band_rows(row_floats: int, total: int) -> int:
+    """Rows per band when a row holds ``row_floats`` values: the band fits ``BAND_BYTES``."""
+    return int(max(1, min(total, BAND_BYTES // (4 * max(1, row_floats)))))
+
+
+def grad_band_rows(C: int, K: int, P: int) -> int:
+    """Rows per band of the 1x1 backward: in cache, but at least 4 K C / (K + C), so adding each
+    band's (K, C) weight gradient costs under a quarter of the band's own memory traffic."""
+    return max(band_rows(2 * (C + K), P), min(P, 4 * K * C // (K + C)))
+
+
+def plain_coefs(K):
+    """``bc`` for mode 0 (no batch norm: the rows are not read)."""
+    return np.zeros((6, K))
+
+
+def num_tasks(work: int) -> int:
+    """Tasks for ``work`` independent units: at least 8 (so the merge order, and with it every
+    result, is the same for any thread count up to 8), at most ``work``."""
+    return max(1, min(work, max(8, numba.get_num_threads())))
+
+
+# ----------------------------------------------------------------------------- statistics
+
+@_jit
+def _band_stats(y, r0, r1, cnt, mean, m2):
+    """Merge rows [r0, r1) of y (P, K) into the running (cnt[0], mean, m2) of one task."""
+    K = y.shape[1]
+    n = r1 - r0
+    if n <= 0:
+        return
+    s1 = np.zeros(K)
+    s2 = np.zeros(K)
+    shift = y[r0]
+    for q in range(r0, r1):
+        row = y[q]
+        for c in range(K):
+            t = np.float64(row[c]) - np.float64(shift[c])
+            s1[c] += t
+            s2[c] += t * t
+    na = cnt[0]
+    tot = na + n
+    for c in range(K):
+        bm = np.float64(shift[c]) + s1[c] / n             # the band's mean and M2
+        bm2 = s2[c] - s1[c] * s1[c] / n
+        delta = bm - mean[c]
+        mean[c] += delta * (n / tot)
+        m2[c] += bm2 + delta * delta * (na * n / tot)
+    cnt[0] = tot
+
+
+@_jit
+def _merge_stats(cnt, mean, m2, mv):
+    """Chan-merge the T task statistics (cnt (T, 1), mean (T, K), m2 (T, K)) in task order into
+    mv (2, K): the mean and the biased variance."""
+    T, K = mean.shape
+    c0 = 0.0
+    for c in range(K):
+        mv[0, c] = 0.0
+        mv[1, c] = 0.0
+    for t in range(T):
+        n = cnt[t, 0]
+        if n == 0:
+            continue
+        tot = c0 + n
+        for c in range(K):
+            delta = mean[t, c] - mv[0, c]
+            mv[0, c] += delta * (n / tot)
+            mv[1, c] += m2[t, c] + delta * delta * (c0 * n / tot)
+        c0 = tot
+    for c in range(K):
+        mv[1, c] = max(mv[1, c] / c0, 0.0)
+
+
+@_par
+def batch_stats(y, T, mv):
+    """mv (2, K) = the mean and biased variance of each column of y (P, K)."""
+    P, K = y.shape
+    cnt = np.zeros((T, 1))
+    mean = np.zeros((T, K))
+    m2 = np.zeros((T, K))
+    for t in prange(T):
+        lo, hi = t * P // T, (t + 1) * P // T
+        for r0 in range(lo, hi, 256):
+            _band_stats(y, r0, min(hi, r0 + 256), cnt[t], mean[t], m2[t])
+    _merge_stats(cnt, mean, m2, mv)
+
+
+# ----------------------------------------------------------------------------- element-wise
+
+@_par
+def affine_act(y, bc, act, kc, T, out, pre):
+    """out (P, K) = act(alpha * y + beta) (the pre-activation in float64, rounded to y's dtype,
+    as torch's eval kernel's FMA); also into ``pre`` if it has P rows."""
+    P, K = y.shape
+    keep = pre.shape[0] == P
+    a, b = bc[0], bc[1]
+    z, three, six = kc[0], kc[1], kc[2]
+    for t in prange(T):
+        for q in range(t * P // T, (t + 1) * P // T):
+            yr, orow = y[q], out[q]
+            if act == 0:
+                for c in range(K):
+                    orow[c] = y.dtype.type(a[c] * yr[c] + b[c])
+            else:
+                for c in range(K):
+                    orow[c] = apply_act(y.dtype.type(a[c] * yr[c] + b[c]), act, z, three, six)
+            if keep:
+                pr = pre[q]
+                for c in range(K):
+                    pr[c] = y.dtype.type(a[c] * yr[c] + b[c])
+
+
+@_par
+def grad_sums(y, dz, bc, act, kc, T, sums):
+    """sums (2, K) float64: sum of g and of g * (y - mean), g = act'(alpha*y + beta) * dz."""
+    P, K = y.shape
+    a, b, mu = bc[0], bc[1], bc[2]
+    z, three, half = kc[0], kc[1], kc[3]
+    part = np.zeros((T, 2, K))
+    for t in prange(T):
+        sb, sw = part[t, 0], part[t, 1]
+        for q in range(t * P // T, (t + 1) * P // T):
+            yr, dr = y[q], dz[q]
+            for c in range(K):
+                g = np.float64(act_grad(act, y.dtype.type(a[c] * yr[c] + b[c]), dr[c], z,
+                                        three, half))
+                sb[c] += g
+                sw[c] += g * (yr[c] - mu[c])
+    for c in range(K):
+        sums[0, c] = 0.0
+        sums[1, c] = 0.0
+    for t in range(T):
+        for c in range(K):
+            sums[0, c] += part[t, 0, c]
+            sums[1, c] += part[t, 1, c]
+
+
+@_jit
+def _dy_rows(y, dz, r0, r1, bc, act, mode, M, kc, out):
+    """out (r1 - r0, K) = dL/dy of rows [r0, r1) from dz (see the module docstring)."""
+    K = y.shape[1]
+    if mode == 0:
+        for q in range(r0, r1):
+            for c in range(K):
+                out[q - r0, c] = dz[q, c]
+        return
+    a, b, mu, k1, sb, sq = bc[0], bc[1], bc[2], bc[3], bc[4], bc[5]
+    z, three, half = kc[0], kc[1], kc[3]
+    for q in range(r0, r1):
+        yr, dr, o = y[q], dz[q], out[q - r0]
+        for c in range(K):
+            g = act_grad(act, y.dtype.type(a[c] * yr[c] + b[c]), dr[c], z, three, half)
+            if mode == 1:
+                o[c] = k1[c] * (M * np.float64(g) - sb[c] - (yr[c] - mu[c]) * sq[c])
+            else:
+                o[c] = k1[c] * g
+
+
+@_par
+def bn_dx(y, dz, bc, act, mode, kc, T, dx):
+    """dx (P, K) = dL/dy of every row (batch norm + act's own backward)."""
+    P, K = y.shape
+    M = np.float64(P)
+    for t in prange(T):
+        lo, hi = t * P // T, (t + 1) * P // T
+        _dy_rows(y, dz, lo, hi, bc, act, mode, M, kc, dx[lo:hi])
+
+
+# ----------------------------------------------------------------------------- 1x1 convolution
+
+@_par
+def pointwise_fwd(x, wt, R, T, stats, y, mv):
+    """y (P, K) = x (P, C) @ wt (C, K), by bands of R rows (one GEMM each); with ``stats`` the
+    batch mean and variance of y go to mv (2, K)."""
+    P = x.shape[0]
+    K = wt.shape[1]
+    cnt = np.zeros((T, 1))
+    mean = np.zeros((T, K))
+    m2 = np.zeros((T, K))
+    for t in prange(T):
+        lo, hi = t * P // T, (t + 1) * P // T
+        for r0 in range(lo, hi, R):
+            r1 = min(hi, r0 + R)
+            np.dot(x[r0:r1], wt, y[r0:r1])
+            if stats:
+                _band_stats(y, r0, r1, cnt[t], mean[t], m2[t])
+    if stats:
+        _merge_stats(cnt, mean, m2, mv)
+
+
+@_par
+def pointwise_bwd(x, y, dz, w, bc, act, mode, kc, R, T, need_dx, dx, dw):
+    """Backward of y = x @ w.T (w (K, C)) after batch norm + act: for each band of R rows,
+    dL/dy (``_dy_rows``, never stored), then dx[band] = dy @ w and dw += dy^T @ x[band]
+    (float64 sums over bands, per task, merged in task order into dw (K, C))."""
+    P, C = x.shape
+    K = w.shape[0]
+    M = np.float64(P)
+    part = np.zeros((T, K, C))
+    for t in prange(T):
+        lo, hi = t * P // T, (t + 1) * P // T
+        dyb = np.empty((R, K), dtype=x.dtype)
+        tmp = np.empty((K, C), dtype=x.dtype)
+        acc = part[t]
+        for r0 in range(lo, hi, R):
+            r1 = min(hi, r0 + R)
+            band = dyb[:r1 - r0]
+            _dy_rows(y, dz, r0, r1, bc, act, mode, M, kc, band)
+            if need_dx:
+                np.dot(band, w, dx[r0:r1])
+            np.dot(band.T, x[r0:r1], tmp)
+            for k in range(K):
+                for c in range(C):
+                    acc[k, c] += tmp[k, c]
+    for k in range(K):
+        for c in range(C):
+            s = 0.0
+            for t in range(T):
+                s += part[t, k, c]
+            dw[k, c] = s
+
+
+# ----------------------------------------------------------------------------- depthwise
+
+@_jit
+def _col_range(off, s, W, Wo):
+    """Output columns j whose tap input column j*s + off lies inside [0, W): (jlo, jhi)."""
+    jlo = 0 if off >= 0 else (-off + s - 1) // s
+    jhi = min(Wo, (W - 1 - off) // s + 1)
+    return jlo, max(jlo, jhi)
+
+
+@_jit
+def _tile(w, Wo):
+    """(k*k, Wo*C): each tap's channel weights repeated for every output column, so that with
+    stride 1 a tap is one contiguous multiply-add over a whole flattened row."""
+    kk, C = w.shape
+    out = np.empty((kk, Wo * C), dtype=w.dtype)
+    for r in range(kk):
+        for j in range(Wo):
+            for c in range(C):
+                out[r, j * C + c] = w[r, c]
+    return out
+
+
+FLAT_MAX_CHANNELS = 128    # measured on MobileNetV3-Large's depthwise layers (AVX2): 16 and 72
+#                            channels gain 2x / 1.2x from flat taps, 120 and more lose 0-20 %
+
+
+def flat_taps(geom, C) -> bool:
+    """Whether the depthwise loops run each tap over a flattened row (``_tile``): stride 1 and
+    few channels; with many, the per-pixel channel loop is long enough to vectorise and the
+    tiled weights would only cost cache."""
+    return geom[1] == 1 and C < FLAT_MAX_CHANNELS
+
+
+@_par
+def depthwise_fwd(x, w, b, geom, flat, rb, stats, y, mv):
+    """y[n, i, j, c] = b[c] + sum_{u,v} w[u*k + v, c] * x[n, i*s-p+u*d, j*s-p+v*d, c] (zero
+    outside), x (N, H, W, C), w (k*k, C), y (N, Ho, Wo, C); tasks: (image, band of rb rows);
+    with ``stats`` the batch mean and variance of y go to mv (2, C). With ``flat``
+    (``flat_taps``) each tap is one loop over the flattened row of Wo*C values; else one loop
+    over C per pixel."""
+    N, H, W, C = x.shape
+    k, s, p, d = geom
+    Ho, Wo = y.shape[1], y.shape[2]
+    nb = (Ho + rb - 1) // rb
+    T = N * nb
+    cnt = np.zeros((T, 1))
+    mean = np.zeros((T, C))
+    m2 = np.zeros((T, C))
+    wr = _tile(w, Wo) if flat else w
+    for t in prange(T):
+        n, i0 = t // nb, (t % nb) * rb
+        yn = y[n].reshape(Ho * Wo, C)
+        for i in range(i0, min(Ho, i0 + rb)):
+            acc = y[n, i]                                     # (Wo, C), accumulated in place
+            for j in range(Wo):
+                for c in range(C):
+                    acc[j, c] = b[c]
+            af = acc.reshape(Wo * C)
+            for u in range(k):
+                ii = i * s - p + u * d
+                if ii < 0 or ii >= H:
+                    continue
+                row = x[n, ii]                                # (W, C)
+                for v in range(k):
+                    off = v * d - p
+                    jlo, jhi = _col_range(off, s, W, Wo)
+                    if flat:                  # slices indexed by range variables only: no
+                        q0, q1 = jlo * C, jhi * C         # wrap-around check, so LLVM
+                        a_, w_ = af[q0:q1], wr[u * k + v, q0:q1]          # vectorises
+                        x_ = row.reshape(W * C)[q0 + off * C:q1 + off * C]
+                        for q in range(q1 - q0):
+                            a_[q] += w_[q] * x_[q]
+                        continue
+                    wt = w[u * k + v]
+                    for j in range(jlo, jhi):
+                        a, xv = acc[j], row[j * s + off]
+                        for c in range(C):
+                            a[c] += wt[c] * xv[c]
+            if stats:
+                _band_stats(yn, i * Wo, (i + 1) * Wo, cnt[t], mean[t], m2[t])
+    if stats:
+        _merge_stats(cnt, mean, m2, mv)
+
+
+@_par
+def depthwise_bwd(x, y, dz, w, bc, act, mode, kc, geom, flat, dx, dw, db):
+    """Backward of ``depthwise_fwd`` (after batch norm + act, see ``mode``): per image, each
+    output row's dL/dy is formed in a scratch row, then scattered into dx (N, H, W, C) and
+    gathered into dw (k*k, C) and db (C,). With ``flat`` (as in the forward) each tap runs over
+    the flattened row, the dw and db partial sums kept per (tap, column, channel) over the
+    image's rows, then summed over columns; float64 sums per image, merged in image order."""
+    N, H, W, C = x.shape
+    k, s, p, d = geom
+    Ho, Wo = dz.shape[1], dz.shape[2]
+    M = np.float64(N * Ho * Wo)
+    part = np.zeros((N, k * k + 1, C))
+    wr = _tile(w, Wo) if flat else w
+    for n in prange(N):
+        g = np.empty((Wo, C), dtype=x.dtype)
+        gf = g.reshape(Wo * C)
+        prt = np.empty(C, dtype=x.dtype)
+        racc = np.zeros((k * k + 1, Wo * C), dtype=x.dtype)   # per-column partials
+        acc = part[n]
+        dxn = dx[n]
+        for ii in range(H):
+            for jj in range(W):
+                for c in range(C):
+                    dxn[ii, jj, c] = 0
+        yn = y[n].reshape(Ho * Wo, C)
+        dzn = dz[n].reshape(Ho * Wo, C)
+        for i in range(Ho):
+            _dy_rows(yn, dzn, i * Wo, (i + 1) * Wo, bc, act, mode, M, kc, g)
+            rb = racc[k * k]
+            for q in range(Wo * C):
+                rb[q] += gf[q]
+            for u in range(k):
+                ii = i * s - p + u * d
+                if ii < 0 or ii >= H:
+                    continue
+                xrow, dxrow = x[n, ii], dxn[ii]
+                for v in range(k):
+                    off = v * d - p
+                    jlo, jhi = _col_range(off, s, W, Wo)
+                    if flat:
+                        q0, q1 = jlo * C, jhi * C
+                        o0, o1 = q0 + off * C, q1 + off * C
+                        x_, d_ = xrow.reshape(W * C)[o0:o1], dxrow.reshape(W * C)[o0:o1]
+                        w_, r_, g_ = wr[u * k + v, q0:q1], racc[u * k + v, q0:q1], gf[q0:q1]
+                        for q in range(q1 - q0):
+                            d_[q] += w_[q] * g_[q]
+                            r_[q] += g_[q] * x_[q]
+                        continue
+                    wt = w[u * k + v]
+                    for c in range(C):
+                        prt[c] = 0
+                    for j in range(jlo, jhi):
+                        gj, xv, dv = g[j], xrow[j * s + off], dxrow[j * s + off]
+                        for c in range(C):
+                            dv[c] += wt[c] * gj[c]
+                            prt[c] += gj[c] * xv[c]
+                    a = acc[u * k + v]
+                    for c in range(C):
+                        a[c] += prt[c]
+        for r in range(k * k + 1):                 # the per-column partials (db: always)
+            if not flat and r < k * k:
+                continue
+            a, ra = acc[r], racc[r]
+            for j in range(Wo):
+                for c in range(C):
+                    a[c] += ra[j * C + c]
+    for r in range(k * k + 1):
+        for c in range(C):
+            sm = 0.0
+            for n in range(N):
+                sm += part[n, r, c]
+            if r < k * k:
+                dw[r, c] = sm
+            else:
+                db[c] = sm
+
+
+# ----------------------------------------------------------------------------- dense conv (stem)
+
+@_jit
+def _im2col_rows(x, n, geom, r0, r1, Wo, ct):
+    """ct (C*k*k, (r1-r0)*Wo): row (c*k + u)*k + v holds x[n, c, i*s-p+u*d, j*s-p+v*d] for the
+    output rows i in [r0, r1) and every column j (zero outside the image)."""
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    k, s, p, d = geom
+    for c in range(C):
+        for u in range(k):
+            for v in range(k):
+                row = ct[(c * k + u) * k + v]
+                off = v * d - p
+                jlo, jhi = _col_range(off, s, W, Wo)
+                for i in range(r0, r1):
+                    base = (i - r0) * Wo
+                    ii = i * s - p + u * d
+                    if ii < 0 or ii >= H:
+                        for j in range(Wo):
+                            row[base + j] = 0
+                        continue
+                    xr = x[n, c, ii]
+                    for j in range(jlo):
+                        row[base + j] = 0
+                    for j in range(jlo, jhi):
+                        row[base + j] = xr[j * s + off]
+                    for j in range(jhi, Wo):
+                        row[base + j] = 0
+
+
+@_par
+def conv_fwd(x, wcol, geom, rb, stats, y, mv):
+    """Dense conv of an NCHW input with few channels (the stem) into NHWC: per task (image,
+    band of rb output rows) the transposed im2col ct (C*k*k, rb*Wo) and one GEMM
+    y_band (rb*Wo, K) = ct^T @ wcol (C*k*k, K); statistics of y as in ``pointwise_fwd``."""
+    N = x.shape[0]
+    CKK, K = wcol.shape
+    Ho, Wo = y.shape[1], y.shape[2]
+    nb = (Ho + rb - 1) // rb
+    T = N * nb
+    cnt = np.zeros((T, 1))
+    mean = np.zeros((T, K))
+    m2 = np.zeros((T, K))
+    for t in prange(T):
+        n, r0 = t // nb, (t % nb) * rb
+        r1 = min(Ho, r0 + rb)
+        L = (r1 - r0) * Wo
+        ct = np.empty((CKK, L), dtype=x.dtype)
+        _im2col_rows(x, n, geom, r0, r1, Wo, ct)
+        yn = y[n].reshape(Ho * Wo, K)
+        np.dot(ct.T, wcol, yn[r0 * Wo:r1 * Wo])
+        if stats:
+            _band_stats(yn, r0 * Wo, r1 * Wo, cnt[t], mean[t], m2[t])
+    if stats:
+        _merge_stats(cnt, mean, m2, mv)
+
+
+@_par
+def conv_bwd_weight(x, y, dz, bc, act, mode, kc, geom, rb, dw):
+    """dW of ``conv_fwd`` (C*k*k, K) = sum over bands of ct @ dy_band (dL/dy formed per band
+    as in ``pointwise_bwd``); float64 sums per task, merged in task order."""
+    N = x.shape[0]
+    Ho, Wo, K = dz.shape[1], dz.shape[2], dz.shape[3]
+    CKK = dw.shape[0]
+    M = np.float64(N * Ho * Wo)
+    nb = (Ho + rb - 1) // rb
+    T = N * nb
+    part = np.zeros((T, CKK, K))
+    for t in prange(T):
+        n, r0 = t // nb, (t % nb) * rb
+        r1 = min(Ho, r0 + rb)
+        L = (r1 - r0) * Wo
+        ct = np.empty((CKK, L), dtype=x.dtype)
+        g = np.empty((L, K), dtype=x.dtype)
+        tmp = np.empty((CKK, K), dtype=x.dtype)
+        _im2col_rows(x, n, geom, r0, r1, Wo, ct)
+        _dy_rows(y[n].reshape(Ho * Wo, K), dz[n].reshape(Ho * Wo, K), r0 * Wo, r1 * Wo, bc,
+                 act, mode, M, kc, g)
+        np.dot(ct, g, tmp)
+        for r in range(CKK):
+            for c in range(K):
+                part[t, r, c] += tmp[r, c]
+    for r in range(CKK):
+        for c in range(K):
+            sm = 0.0
+            for t in range(T):
+                sm += part[t, r, c]
+            dw[r, c] = sm
+
+
+# ----------------------------------------------------------------------------- pooling and SE
+# x3 (N, L, C): the L = H*W pixels of each image; one task per image.
+
+@_par
+def mean_pixels(x3, out):
+    """out (N, C) = the mean over pixels of each image and channel (float64 sums)."""
+    N, L, C = x3.shape
+    for n in prange(N):
+        acc = np.zeros(C)
+        for q in range(L):
+            row = x3[n, q]
+            for c in range(C):
+                acc[c] += row[c]
+        for c in range(C):
+            out[n, c] = acc[c] / L
+
+
+@_par
+def scale_pixels(x3, g, out):
+    """out[n, q, c] = x3[n, q, c] * g[n, c]: SE's channel scale."""
+    N, L, C = x3.shape
+    for n in prange(N):
+        gn = g[n]
+        for q in range(L):
+            xr, o = x3[n, q], out[n, q]
+            for c in range(C):
+                o[c] = xr[c] * gn[c]
+
+
+@_par
+def dot_pixels(x3, d3, out):
+    """out (N, C) = sum over pixels of d3 * x3 (products in the dtype, float64 sums): SE's
+    gradient with respect to its gate."""
+    N, L, C = x3.shape
+    for n in prange(N):
+        acc = np.zeros(C)
+        for q in range(L):
+            xr, dr = x3[n, q], d3[n, q]
+            for c in range(C):
+                acc[c] += dr[c] * xr[c]
+        for c in range(C):
+            out[n, c] = acc[c]
+
+
+@_par
+def scale_add_pixels(d3, g, share, out):
+    """out[n, q, c] = d3[n, q, c] * g[n, c] + share[n, c]: SE's dx (the scale's branch plus
+    the squeeze's, whose gradient is the same on every pixel)."""
+    N, L, C = d3.shape
+    for n in prange(N):
+        gn, sn = g[n], share[n]
+        for q in range(L):
+            dr, o = d3[n, q], out[n, q]
+            for c in range(C):
+                o[c] = dr[c] * gn[c] + sn[c]
