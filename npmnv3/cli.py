@@ -6,6 +6,7 @@
     npmnv3 compare --model small          module-by-module diff against torchvision (needs torch)
     npmnv3 weights list|fetch NAME|path NAME   the official checkpoints (download, hash check)
     npmnv3 classify IMAGE_OR_DIR...       top-k ImageNet classes (weights fetched if needed)
+    npmnv3 segment IMAGE_OR_DIR...        VOC segmentation masks with LR-ASPP or DeepLabV3
     npmnv3 train --model small --data DIR --out DIR   train / fine-tune on an image folder
 
 Errors in the input (a missing or malformed file, weights that fit no MobileNetV3) print one
@@ -20,10 +21,12 @@ import argparse
 import sys
 
 
-def _add_arch_args(p, *, required: bool, defaults: bool):
+def _add_arch_args(p, *, required: bool, defaults: bool, models=("large", "small")):
     d = (lambda v: v) if defaults else (lambda v: None)
-    p.add_argument("--model", choices=("large", "small"), required=required,
-                   help="mobilenet_v3_large or mobilenet_v3_small")
+    p.add_argument("--model", choices=models, required=required,
+                   help="mobilenet_v3_large or mobilenet_v3_small" + (
+                       " (or lraspp / deeplabv3 on mobilenet_v3_large)" if len(models) > 2
+                       else ""))
     p.add_argument("--width-mult", type=float, default=d(1.0), metavar="W")
     p.add_argument("--reduced-tail", action="store_true", default=d(False))
     p.add_argument("--dilated", action="store_true", default=d(False))
@@ -41,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func="selfcheck")
 
     p = sub.add_parser("summary", help="per-layer output shapes, parameters and MACs")
-    _add_arch_args(p, required=True, defaults=True)
+    _add_arch_args(p, required=True, defaults=True, models=("large", "small", "lraspp",
+                                                             "deeplabv3"))
     p.add_argument("--input-size", type=int, nargs="+", default=[224], metavar="H [W]",
                    help="input height and width (default 224)")
     p.add_argument("--depth", type=int, choices=(0, 1), default=1,
@@ -104,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ignore the EXIF orientation (torchvision does not apply it)")
     p.set_defaults(func="classify")
 
+    from .tools.segment import add_parser as add_segment
+    add_segment(sub)
+
     # Listed here for --help; its own parser (npmnv3.train.build_parser) reads the arguments.
     sub.add_parser("train", add_help=False, help="train or fine-tune on an image folder (one "
                    "sub-directory per class); npmnv3 train --help for the options")
@@ -131,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .tools import commands
     try:
-        return getattr(commands, f"cmd_{args.func}")(args)
+        return (args.func if callable(args.func) else getattr(commands, f"cmd_{args.func}"))(args)
     except (ValueError, OSError) as e:          # CheckpointError is a ValueError
         print(f"npmnv3 {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1

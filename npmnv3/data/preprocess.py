@@ -15,10 +15,11 @@ torchvision makes for a PIL image:
    ``int(round((side - crop) / 2.0))``;
 3. ``uint8 / 255`` in float32, then ``(x - mean) / std`` per channel, ImageNet mean and std.
 
-The results agree bit for bit with torchvision's (tests/test_preprocess.py). Grayscale images
-are resized as one channel and copied to three afterwards, which is exact because Pillow resizes
-every channel with the same integer arithmetic; it takes a quarter of the memory (Pillow stores
-RGB pixels in 4 bytes).
+The results agree bit for bit with torchvision's (tests/test_preprocess.py);
+``preprocess_segmentation`` is the segmentation weights' preset (step 1 with 520, no crop, step 3).
+Grayscale images are resized as one channel and copied to three afterwards, which is exact
+because Pillow resizes every channel with the same integer arithmetic; it takes a quarter of the
+memory (Pillow stores RGB pixels in 4 bytes).
 
 How each PIL mode becomes RGB (``load_image``, ``to_rgb``):
 
@@ -57,7 +58,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "imagenet_preprocessing", "load_image", "normalize",
-           "preprocess", "to_rgb"]
+           "preprocess", "preprocess_segmentation", "resize_shorter", "to_rgb"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)       # torchvision transforms/_presets.py ImageClassification
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -253,12 +254,8 @@ def preprocess(image, resize_size: int = 256, crop_size: int = 224, *, mean=IMAG
     image = _to_8bit(image)                             # "L" or "RGB"
 
     # 1. Resize (torchvision.transforms.functional.resize -> _functional_pil.resize).
-    w, h = image.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = resize_size, int(resize_size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), Image.BILINEAR)
+    image = resize_shorter(image, resize_size)
+    new_w, new_h = image.size
     pixels = np.asarray(image)
     del image
 
@@ -274,6 +271,34 @@ def preprocess(image, resize_size: int = 256, crop_size: int = 224, *, mean=IMAG
 
     # 3. To float in [0, 1] and normalise, in float32 as torch does.
     return normalize(pixels, mean, std)
+
+
+def resize_shorter(image: Image.Image, size: int) -> Image.Image:
+    """The shorter side to ``size``, the longer to ``int(size * long / short)``, with Pillow's
+    bilinear filter; the image itself when the size does not change (torchvision
+    ``transforms.functional.resize`` with one int, ``_compute_resized_output_size``)."""
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) == (w, h):
+        return image
+    return image.resize((new_w, new_h), Image.BILINEAR)
+
+
+def preprocess_segmentation(image, resize_size: int = 520, *,
+                            exif_transpose: bool = True) -> np.ndarray:
+    """torchvision's ``SemanticSegmentation(resize_size=520)`` preset (the transforms of
+    ``LRASPP_MobileNet_V3_Large_Weights`` and ``DeepLabV3_MobileNet_V3_Large_Weights``):
+    float32 (3, H', W') with the shorter side ``resize_size`` and the aspect ratio kept, no
+    crop; then ``/ 255`` and the ImageNet mean and std. ``image`` as for ``preprocess`` (a path
+    or a PIL image of any mode, same RGB conversion, errors and EXIF handling)."""
+    resize_size = _check_size("resize_size", resize_size)
+    if isinstance(image, Image.Image):
+        image = _prepare(image, exif_transpose, in_place=False)
+    else:
+        image = _open(image, exif_transpose)
+    return normalize(np.asarray(resize_shorter(_to_8bit(image), resize_size)))
 
 
 def normalize(pixels, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:

@@ -145,7 +145,7 @@ def weights_dir() -> Path:
     """``$NPMNV3_HOME``, else ``weights/`` of a source checkout, else ``~/.cache/npmnv3``."""
     if os.environ.get("NPMNV3_HOME"):
         return Path(os.environ["NPMNV3_HOME"]).expanduser()
-    root = Path(__file__).resolve().parents[2]          # npmnv3/io/weights.py -> checkout
+    root = Path(__file__).resolve().parents[2]          # npmnv3/io/registry.py -> checkout
     try:
         ours = 'name = "npmnv3"' in (root / "pyproject.toml").read_text("utf-8")
     except (OSError, UnicodeDecodeError):
@@ -197,15 +197,17 @@ def verify_file(path, entry: WeightsEntry, *, remove: bool = False):
     return sd, meta
 
 
-def _download(url: str, dest: Path, entry: WeightsEntry, *, timeout: float, progress: bool):
+def _download(url: str, dest: Path, entry, *, timeout: float, progress: bool,
+              fetch_command: str | None = None, local: str = "(.pth) or converted .npz"):
     """Stream ``url`` into ``dest.partial`` while hashing it; rename to ``dest`` if complete and
-    the hash matches. On any failure the partial file is removed and DownloadError raised."""
+    the hash matches. On any failure the partial file is removed and DownloadError raised.
+    ``fetch_command``: what the offline advice tells to run (default ``npmnv3 weights fetch``)."""
     from tqdm.auto import tqdm
 
     partial = dest.with_name(dest.name + ".partial")
-    offline = (f"cannot download {url} ({{}}); run `npmnv3 weights fetch {entry.name}` when "
-               f"online, or pass --weights PATH with a local torchvision checkpoint (.pth) or "
-               f"converted .npz")
+    fetch_command = fetch_command or f"npmnv3 weights fetch {entry.name}"
+    offline = (f"cannot download {url} ({{}}); run `{fetch_command}` when online, or pass "
+               f"--weights PATH with a local torchvision checkpoint {local}")
     req = urllib.request.Request(url, headers={"User-Agent": "npmnv3"})
     h, done = hashlib.sha256(), 0
     try:

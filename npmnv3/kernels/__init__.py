@@ -6,6 +6,9 @@ forward's argument order. Every kernel has a plain NumPy version (``*_naive``) t
 the formula and a fast version (``*_fast``: BLAS through NumPy, Numba loops); the public name
 takes ``impl="fast"`` (default) or ``impl="naive"``.
 
+The segmentation heads add ``interpolate`` (torch's bilinear resize), ``sigmoid`` and ``merge``
+(channel concatenation, the per-channel product of a gate).
+
 The int8 kernels (``quantize``, ``qconv``, ``qelementwise``) are inference-only: integer
 arithmetic equal to torch's qnnpack engine, each again in a naive and a fast version.
 """
@@ -33,8 +36,15 @@ from .batchnorm import (
 from .conv2d import conv2d_backward, conv2d_forward, pointwise_backward, pointwise_forward
 from .depthwise import depthwise_backward, depthwise_forward
 from .dropout import dropout_backward, dropout_forward
+from .interpolate import bilinear_backward, bilinear_forward
 from .linear import linear_backward, linear_forward
 from .loss import cross_entropy_backward, cross_entropy_forward
+from .merge import (
+    channel_scale_backward,
+    channel_scale_forward,
+    concat_backward,
+    concat_forward,
+)
 from .pool import avgpool_backward, avgpool_forward
 from .qconv import qconv2d, qlinear
 from .qelementwise import (
@@ -54,6 +64,7 @@ from .quantize import (
     requantize,
 )
 from .se import se_backward, se_forward
+from .sigmoid import sigmoid_backward, sigmoid_forward
 
 __all__ = [
     "ACTIVATIONS", "BatchNormStats",
@@ -61,6 +72,9 @@ __all__ = [
     "avgpool_backward", "avgpool_forward",
     "batchnorm_act_backward", "batchnorm_act_forward",
     "batchnorm_backward", "batchnorm_forward",
+    "bilinear_backward", "bilinear_forward",
+    "channel_scale_backward", "channel_scale_forward",
+    "concat_backward", "concat_forward",
     "conv2d_backward", "conv2d_forward",
     "cross_entropy_backward", "cross_entropy_forward",
     "depthwise_backward", "depthwise_forward",
@@ -72,6 +86,7 @@ __all__ = [
     "relu6_backward", "relu6_forward",
     "relu_backward", "relu_forward",
     "se_backward", "se_forward",
+    "sigmoid_backward", "sigmoid_forward",
     # int8 (quint8 activations, qint8 weights): torch's qnnpack arithmetic
     "HARDSIGMOID_SCALE", "HARDSIGMOID_ZERO_POINT", "dequantize", "qadaptive_avgpool2d", "qadd",
     "qconv2d", "qhardsigmoid", "qhardswish", "qlinear", "qmul", "quantize_bias",

@@ -29,6 +29,7 @@ from .activations import (
     relu_forward,
 )
 from .linear import linear_backward, linear_forward
+from .merge import dgate_planes, scale_planes
 from .pool import avgpool_backward, avgpool_forward
 
 
@@ -104,23 +105,7 @@ def se_backward_naive(dout, cache: SECache):
 
 
 # ----------------------------------------------------------------------------- fast
-
-def _scale_loops(x, g, out):
-    P, L = x.shape
-    for q in prange(P):
-        gq = g[q]
-        for t in range(L):
-            out[q, t] = x[q, t] * gq
-
-
-def _dgate_loops(x, dout, dg):
-    P, L = x.shape
-    for q in prange(P):
-        s = 0.0
-        for t in range(L):
-            s += dout[q, t] * x[q, t]
-        dg[q] = s
-
+# The channel scale and dg = sum(dout * x) are ``merge.py``'s loops (LR-ASPP's gate uses them).
 
 def _dx_loops(dout, g, dpool, dx):
     P, L = dout.shape
@@ -131,10 +116,7 @@ def _dx_loops(dout, g, dpool, dx):
             dx[q, t] = dout[q, t] * gq + share                           # dx_scale + dx_pool
 
 
-_par = njit(cache=True, parallel=True)
-_scale = _par(_scale_loops)
-_dgate = _par(_dgate_loops)
-_dx = _par(_dx_loops)
+_dx = njit(cache=True, parallel=True)(_dx_loops)
 
 
 def se_forward_fast(x, w1, b1, w2, b2):
@@ -144,8 +126,8 @@ def se_forward_fast(x, w1, b1, w2, b2):
     N, C, H, W = x.shape
     g, steps = _gate(x, w1, b1, w2, b2, "fast")
     out = np.empty_like(x)
-    _scale(x.reshape(N * C, H * W), np.ascontiguousarray(g).reshape(N * C),
-           out.reshape(N * C, H * W))
+    scale_planes(x.reshape(N * C, H * W), np.ascontiguousarray(g).reshape(N * C),
+                 out.reshape(N * C, H * W))
     return out, SECache(x, g, *steps)
 
 
@@ -157,7 +139,7 @@ def se_backward_fast(dout, cache: SECache):
     N, C, H, W = x.shape
     d2 = np.ascontiguousarray(dout).reshape(N * C, H * W)
     dg = np.empty((N, C), dtype=x.dtype)
-    _dgate(x.reshape(N * C, H * W), d2, dg.reshape(N * C))
+    dgate_planes(x.reshape(N * C, H * W), d2, dg.reshape(N * C))
     dpooled, dw1, db1, dw2, db2 = _gate_backward(dg, cache, "fast")
     # The pool's gradient is the constant dpooled / (H W) on every pixel of a plane: it is
     # added inside the dx pass instead of materialising avgpool_backward's array.

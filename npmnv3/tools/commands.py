@@ -35,6 +35,10 @@ def cmd_summary(args) -> int:
     if len(args.input_size) > 2:
         raise ValueError(f"--input-size takes H or H W, got {len(args.input_size)} numbers")
     size = tuple(args.input_size) * (3 - len(args.input_size))
+    if args.model in ("lraspp", "deeplabv3"):
+        from .seg_summary import segmentation_summary
+        print(segmentation_summary(args.model, size[:2]).format(depth=args.depth))
+        return 0
     config = MobileNetV3Config.from_dict(arch_from_args(args), "options")
     print(summary(config, size[:2]).format(depth=args.depth))
     return 0

@@ -3,30 +3,15 @@
 For a class c with logit y_c and the feature maps A (N, K, h, w) output by ``layer``:
     alpha[n, k] = mean_{i,j} dy_c / dA[n, k, i, j]            (global-average-pooled gradient)
     cam[n]      = ReLU(sum_k alpha[n, k] * A[n, k])            (N, h, w)
-then, by default, bilinearly resized to the input size (torch's ``interpolate``,
-``align_corners=False``) and scaled to [0, 1] per image.
+then, by default, bilinearly resized to the input size (``kernels.interpolate``: torch's
+``interpolate``, ``align_corners=False``) and scaled to [0, 1] per image.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-
-def resize_bilinear(a: np.ndarray, H: int, W: int) -> np.ndarray:
-    """Bilinear resize of a (..., h, w) array to (..., H, W), torch's align_corners=False rule:
-    source coordinate = (dst + 0.5) * (in / out) - 0.5, clamped at 0."""
-    h, w = a.shape[-2:]
-
-    def axis(n_in, n_out):
-        src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-        lo = np.minimum(np.floor(src).astype(int), n_in - 1)
-        hi = np.minimum(lo + 1, n_in - 1)
-        return lo, hi, (src - lo)
-
-    y0, y1, fy = axis(h, H)
-    x0, x1, fx = axis(w, W)
-    top = a[..., y0, :] * (1 - fy)[:, None] + a[..., y1, :] * fy[:, None]      # (..., H, w)
-    return top[..., x0] * (1 - fx) + top[..., x1] * fx                          # (..., H, W)
+from ..kernels.interpolate import bilinear_forward
 
 
 def gradcam(model, x, class_idx, layer: str | None = None, *, resize: bool = True,
@@ -61,7 +46,7 @@ def gradcam(model, x, class_idx, layer: str | None = None, *, resize: bool = Tru
     alpha = dA.mean(axis=(2, 3))                             # (N, K)
     cam = np.maximum(np.einsum("nk,nkhw->nhw", alpha, A), 0)  # (N, h, w)
     if resize:
-        cam = resize_bilinear(cam, x.shape[2], x.shape[3])
+        cam = bilinear_forward(cam[:, None], x.shape[2:])[0][:, 0]      # (N, H, W)
     if normalize:
         lo = cam.min(axis=(1, 2), keepdims=True)
         span = cam.max(axis=(1, 2), keepdims=True) - lo
