@@ -46,6 +46,7 @@ _API = {
     "convert": ("npmnv3.io.convert", "convert"),
     "load_image": ("npmnv3.data.preprocess", "load_image"),
     "preprocess": ("npmnv3.data.preprocess", "preprocess"),
+    "crop_pixels": ("npmnv3.data.preprocess", "crop_pixels"),
     "ImageFolder": ("npmnv3.data.folders", "ImageFolder"),
     "ArrayDataset": ("npmnv3.data.folders", "ArrayDataset"),
     "fit": ("npmnv3.train.loop", "fit"),
@@ -56,6 +57,7 @@ _API = {
     "save_overlay": ("npmnv3.tools.gradcam", "save_overlay"),
     "classify": ("npmnv3.tools.classify", "classify"),
     "load_classifier": ("npmnv3.tools.classify", "load_classifier"),
+    "evaluate_folder": ("npmnv3.tools.evaluate", "evaluate_folder"),
     "numerical_gradient": ("npmnv3.tools.gradcheck", "numerical_gradient"),
     "rel_error": ("npmnv3.tools.gradcheck", "rel_error"),
 }

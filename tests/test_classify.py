@@ -173,8 +173,17 @@ def test_bad_inputs_are_reported_and_the_rest_classified(tv_small, tmp_path, cap
     code, out, err = run_cli(capsys, missing, mixed, truncated, tiny, text, "--weights", ckpt,
                              "--json")
     assert code == 1
-    assert [r["image"] for r in json.loads(out)] == [str(mixed / "a_photo.jpg"), str(tiny)]
+    order = [missing, mixed / "a_photo.jpg", mixed / "empty.jpg", mixed / "fake.png",
+             truncated, tiny, text]
+    listed = json.loads(out)                    # every image, failed ones with their error
+    assert [r["image"] for r in listed] == list(map(str, order))
+    assert [sorted(r) for r in listed] == [["error", "image"], ["image", "top"],
+                                           ["error", "image"], ["error", "image"],
+                                           ["error", "image"], ["image", "top"],
+                                           ["error", "image"]]
     failed = [missing, mixed / "empty.jpg", mixed / "fake.png", truncated, text]
+    assert [r["error"] for r in listed if "error" in r] == [
+        ln.split(": ", 2)[2] for ln in err.splitlines()]
     lines = err.splitlines()
     assert len(lines) == len(failed) and "Traceback" not in err, err
     for line, path in zip(lines, failed):                       # input order, dir sorted
@@ -193,6 +202,8 @@ def test_weights_options(tv_small, capsys, tmp_path, monkeypatch):
     code, _, err = run_cli(capsys, PHOTOS[0], "--weights", tmp_path / "nope.pth")
     assert code == 1 and "no such file; --weights takes a .pth/.npz file or one of" in err
     code, _, err = run_cli(capsys, PHOTOS[0], "--weights", ckpt, "--topk", 0)
+    assert code == 2 and "argument --topk: must be a positive integer, got 0" in err
+    code, _, err = run_cli(capsys, PHOTOS[0], "--weights", ckpt, "--topk", 1001)
     assert code == 1 and "topk must be between 1 and 1000" in err
     # A converted .npz gives the same result as the .pth.
     npz = tmp_path / "random_small.npz"

@@ -15,7 +15,7 @@ import hashlib
 from pathlib import Path
 
 from .load import read_weights
-from .npz import existing_file, has_meta, write_npz
+from .npz import CHECKPOINT_FORMAT, existing_file, has_meta, read_meta, write_npz
 from .pth import CheckpointError
 
 
@@ -55,6 +55,9 @@ def convert(src, dst, *, arch=None, source=None, bn_eps=None, classes=None,
     if dst.exists() and not overwrite:
         raise ValueError(f"{dst}: exists already (--overwrite to replace it)")
     if has_meta(src):
+        if read_meta(src).get("format") == CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{src}: an npmnv3 training checkpoint: its weights are "
+                                  f"already in model.npz next to it (npmnv3 train writes both)")
         raise CheckpointError(f"{src}: already an npmnv3 .npz: nothing to convert")
     if isinstance(arch, str):
         arch = {"arch": arch}

@@ -43,10 +43,12 @@ class CosineLR:
     def __init__(self, optimizer, epochs: int):
         self.optimizer, self.epochs, self.epoch = optimizer, epochs, 0
 
+    def lr_at(self, epoch: int) -> float:
+        return self.optimizer.initial_lr * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
+
     def step(self):
         self.epoch += 1
-        self.optimizer.lr = self.optimizer.initial_lr * 0.5 * (
-            1 + math.cos(math.pi * self.epoch / self.epochs))
+        self.optimizer.lr = self.lr_at(self.epoch)
 
 
 def make_optimizer(model, name, lr, momentum=0.9, weight_decay=0.0):
@@ -87,6 +89,9 @@ def _check_labels(data, model, name):
     if t.size == 0:
         raise ValueError(f"{name} holds no images")
     k = model.spec.num_classes
+    if k < 2:
+        raise ValueError(f"the model has {k} output: cross-entropy over a single class is "
+                         f"always 0, nothing can be learned (at least 2 classes are needed)")
     if t.min() < 0 or t.max() >= k:
         n = len(data.classes) if getattr(data, "classes", None) else int(t.max()) + 1
         raise ValueError(f"{name}: labels {int(t.min())}..{int(t.max())} do not fit the model's "
@@ -145,7 +150,7 @@ def _run_epoch(model, train_data, val_data, opt, rng, cfg, epoch, progress):
     row = {"epoch": epoch + 1, "lr": opt.lr}
     total = _num_batches(len(train_data), cfg["batch_size"], 2)
     with tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="batch",
-              disable=not progress, leave=True) as bar:
+              disable=None if progress else True, leave=True) as bar:
         t0 = time.perf_counter()
         row["train_loss"], row["train_acc"] = _train_epoch(model, train_data, opt, rng, cfg, bar)
         t1 = time.perf_counter()
@@ -178,7 +183,7 @@ def _check_config(cfg):
 def fit(model, train_data, val_data=None, *, epochs, batch_size=32, optimizer="sgd", lr=0.01,
         momentum=0.9, weight_decay=0.0, label_smoothing=0.0, freeze_backbone=False,
         scheduler="cosine", bn_momentum=0.1, out_dir=None, resume=None, seed=0, progress=True,
-        callback=None, preprocessing=None):
+        callback=None, preprocessing=None, extra_meta=None):
     """Train ``model`` in place for ``epochs`` epochs (in all, counting a resumed run's).
 
     ``train_data``/``val_data``: ``ImageFolder``/``ArrayDataset`` (anything with ``targets``,
@@ -196,6 +201,9 @@ def fit(model, train_data, val_data=None, *, epochs, batch_size=32, optimizer="s
     ``preprocessing``: how an image must be prepared for the trained model, recorded in the
     files written (``npmnv3 classify`` uses it); default: the validation (else training)
     data's evaluation transform (resize, center crop, mean/std), or None for arrays.
+    ``extra_meta``: more JSON entries for checkpoint.npz (``npmnv3 train`` records its options).
+    Resuming with more ``epochs`` than the checkpoint's run planned extends it: the cosine
+    schedule continues over the new total from the epoch reached.
     Returns the history: per-epoch lists of ``HISTORY_KEYS``. The model ends in eval mode.
     """
     cfg = {"epochs": epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
@@ -228,7 +236,8 @@ def fit(model, train_data, val_data=None, *, epochs, batch_size=32, optimizer="s
             if out is not None:
                 save_checkpoint(out / "checkpoint.npz", model, opt, epoch=epoch + 1, rng=rng,
                                 history=history, sched_epoch=getattr(sched, "epoch", 0),
-                                config=cfg, classes=classes, preprocessing=prep)
+                                config=cfg, classes=classes, preprocessing=prep,
+                                extra=extra_meta)
                 save_weights(out / "model.npz", model, classes=classes, preprocessing=prep,
                              source_name="npmnv3 train")
             if callback is not None and callback(epoch + 1, history):
@@ -250,8 +259,10 @@ def _preprocessing_of(*datasets):
     return None
 
 
-def plot_history(history, path, title="npmnv3 training"):
-    """Loss and accuracy per epoch (train and validation) as a PNG, written atomically."""
+def history_figure(history, title="npmnv3 training"):
+    """The matplotlib Figure of ``plot_history``: loss (log scale, so one spike does not
+    flatten the rest; a linear axis clipped at 3x the median if a loss is not positive) and
+    accuracy per epoch, train and validation."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -267,9 +278,27 @@ def plot_history(history, path, title="npmnv3 training"):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel({"loss": "cross-entropy loss", "acc": "top-1 accuracy"}[what])
-        ax.grid(alpha=0.3)
+        if what == "loss":
+            _loss_axis(ax, history["train_loss"] + [v for _, v in val])
+        ax.grid(alpha=0.3, which="both")
         ax.legend()
     fig.suptitle(title)
+    return fig
+
+
+def _loss_axis(ax, values):
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size and v.min() > 0:
+        ax.set_yscale("log")
+    elif v.size:
+        ax.set_ylim(min(0.0, v.min()), 3 * max(np.median(v), 1e-12))
+        ax.set_ylabel("cross-entropy loss (clipped at 3x the median)")
+
+
+def plot_history(history, path, title="npmnv3 training"):
+    """Loss and accuracy per epoch (train and validation) as a PNG, written atomically."""
+    fig = history_figure(history, title)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     try:
