@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import require_torchvision
+from support import calibrated_small
 
 import npmnv3
 from npmnv3 import weights as W
@@ -38,41 +38,9 @@ MIN_GAP = 1e-4
 
 @pytest.fixture(scope="module")
 def tv_small(tmp_path_factory):
-    """(torchvision model in eval mode, path of its torch.save'd state_dict).
-
-    Random affine batch-norm parameters; running statistics measured on the photos (flipped
-    too) and noise, as a calibration pass would, so that activations stay normalised and the
-    output depends on the image (with made-up statistics every image gets the same logits).
-    The classifier is drawn with std 0.1 / 0.5 and no bias: a well separated top-5.
-    """
-    torchvision = require_torchvision()
-    import torch
-    from PIL import Image
-    from torchvision.models import MobileNet_V3_Small_Weights
-
-    torch.set_num_threads(2)
-    g = torch.Generator().manual_seed(2)
-    with torch.random.fork_rng():           # the conv init draws from the global generator:
-        torch.manual_seed(2)                # seed it too, or the top-5 gaps vary run to run
-        model = torchvision.models.mobilenet_v3_small()
-    transform = MobileNet_V3_Small_Weights.IMAGENET1K_V1.transforms()
-    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in PHOTOS])
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(0.5 + torch.rand(c, generator=g))
-                m.bias.copy_(0.1 * torch.randn(c, generator=g))
-                m.momentum = None               # running stats = average over the pass
-                m.reset_running_stats()
-        model.train()
-        model(torch.cat([x, x.flip(3), 0.5 * torch.randn(4, 3, 224, 224, generator=g)]))
-        for lin, std in ((model.classifier[0], 0.1), (model.classifier[3], 0.5)):
-            lin.weight.copy_(std * torch.randn(lin.weight.shape, generator=g))
-            lin.bias.zero_()
-    path = tmp_path_factory.mktemp("weights") / "random_small.pth"
-    torch.save(model.state_dict(), path)
-    return model.eval(), path
+    """(torchvision model in eval mode, path of its torch.save'd state_dict): see
+    ``support.calibrated_small``."""
+    return calibrated_small(PHOTOS, tmp_path_factory.mktemp("weights") / "random_small.pth")
 
 
 def torchvision_top5(model, paths, exif: bool):
