@@ -54,10 +54,7 @@ def convert(src, dst, *, arch=None, source=None, bn_eps=None, classes=None,
         raise ValueError(f"{dst}: the destination is the source file")
     if dst.exists() and not overwrite:
         raise ValueError(f"{dst}: exists already (--overwrite to replace it)")
-    if has_meta(src):
-        if read_meta(src).get("format") == CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{src}: an npmnv3 training checkpoint: its weights are "
-                                  f"already in model.npz next to it (npmnv3 train writes both)")
+    if has_meta(src) and read_meta(src).get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{src}: already an npmnv3 .npz: nothing to convert")
     if isinstance(arch, str):
         arch = {"arch": arch}

@@ -174,7 +174,8 @@ def compare_models(args, torch_dtype: str):
         raise ValueError(f"{args.weights} does not fit the options: " + ", ".join(
             f"{k} {v!r} given, weights have {w!r}" for k, (v, w) in clash.items()))
     model = weights.model(torch_dtype, **given)
-    tv = torchvision_model(model.config, weights.state_dict, dtype=torch_dtype)
+    tv = torchvision_model(model.config, weights.state_dict, dtype=torch_dtype,
+                           bn_eps=weights.bn_eps)
     prep = weights.preprocessing or (entry.preprocessing if entry else imagenet_preprocessing())
     return model, tv, f"weights {source}", prep
 

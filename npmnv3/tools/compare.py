@@ -177,11 +177,12 @@ def random_input(seed: int = 0, size: int = 224) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((1, 3, size, size)).astype(np.float32)
 
 
-def torchvision_model(config, state_dict=None, *, dtype="float32", seed: int = 0):
+def torchvision_model(config, state_dict=None, *, dtype="float32", seed: int = 0,
+                      bn_eps: float | None = None):
     """torchvision's model for ``config`` (a ``MobileNetV3Config`` or dict of builder
     arguments): with ``state_dict`` (numpy arrays) loaded strictly, else randomly initialised
     with randomised batch-norm parameters and statistics (all-ones/zeros would hide batch-norm
-    mistakes)."""
+    mistakes). ``bn_eps``: batch norm's eps if not torchvision's 1e-3 (timm's weights: 1e-5)."""
     import torch
     import torchvision
 
@@ -202,6 +203,10 @@ def torchvision_model(config, state_dict=None, *, dtype="float32", seed: int = 0
                     m.bias.copy_(torch.rand_like(m.bias) - 0.5)
                     m.running_mean.copy_(torch.rand_like(m.running_mean) - 0.5)
                     m.running_var.copy_(torch.rand_like(m.running_var) + 0.5)
+    if bn_eps is not None:
+        for m in tv.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eps = bn_eps
     tv = tv.to(getattr(torch, dtype)).eval()
     return tv
 

@@ -189,12 +189,12 @@ def default_workers() -> int:
 
 def evaluate_folder(root, classifier, *, class_index=None, batch_size: int = 32,
                     workers: int | None = None, progress: bool = False,
-                    per_image: bool = False, on_error=None) -> dict:
+                    per_image: bool = False, on_error=None, found=None) -> dict:
     """Top-1/top-5 of ``classifier`` (``load_classifier(...)``) over the tree ``root``; returns
     the report (see ``npmnv3 evaluate --help``). ``class_index``: a mapping file; ``workers``:
     decoding processes (default: one per core; 0: in this process); ``on_error(path, msg)``
     is called for each unreadable file as it is found; ``per_image``: add every image's label
-    and top-5 to the report."""
+    and top-5 to the report; ``found``: ``find_samples(root)`` if already called."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -202,7 +202,7 @@ def evaluate_folder(root, classifier, *, class_index=None, batch_size: int = 32,
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     workers = default_workers() if workers is None else workers
     model, cats = classifier.model, classifier.categories
-    folders, samples = find_samples(root)
+    folders, samples = find_samples(root) if found is None else found
     index, how = class_mapping(folders, len(cats), cats, class_index)
     k = min(TOPK, len(cats))
     labels = np.array([index[f] for _, f in samples], dtype=np.int64)
@@ -341,6 +341,7 @@ def register(sub) -> None:
 def cmd_evaluate(args) -> int:
     from .classify import load_classifier
 
+    found = find_samples(args.data)             # before fetching weights: a typo costs nothing
     clf = load_classifier(args.model, args.weights, progress=not args.no_progress)
 
     def on_error(path, msg):
@@ -349,7 +350,7 @@ def cmd_evaluate(args) -> int:
     report = evaluate_folder(args.data, clf, class_index=args.class_index,
                              batch_size=args.batch_size, workers=args.workers,
                              progress=not args.no_progress, per_image=args.per_image,
-                             on_error=on_error)
+                             on_error=on_error, found=found)
     if args.report:
         _write_json(args.report, report)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
