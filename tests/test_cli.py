@@ -261,6 +261,24 @@ def test_convert_refuses_to_overwrite_and_names_out_when_unwritable(checkpoints,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npz"]
 
 
+def test_classify_shows_progress_for_more_than_a_screenful(tmp_path, tiny_npz, capsys,
+                                                          monkeypatch):
+    import shutil
+
+    from PIL import Image
+
+    for i in range(12):
+        Image.new("RGB", (30, 20), (20 * i, 100, 50)).save(tmp_path / f"{i:02d}.png")
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda *a, **k: os.terminal_size((80, 24)))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)          # as on a terminal
+    code, out, err = run(capsys, "classify", tmp_path, "--weights", tiny_npz, "--batch-size", 4)
+    assert code == 0 and "/12 [" in err and "img/s" in err           # 12 x 4 lines > 24
+    assert out.count(".png\n") == 12 and "img/s" not in out
+    for argv in ([tmp_path / "00.png", tmp_path / "01.png"], [tmp_path, "--no-progress"]):
+        code, out, err = run(capsys, "classify", *argv, "--weights", tiny_npz)
+        assert code == 0 and err == ""
+
+
 # ----------------------------------------------------------------------------- compile notice
 
 
