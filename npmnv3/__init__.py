@@ -39,6 +39,7 @@ _API = {
     "config_path": ("npmnv3.nn.builders", "config_path"),
     "CheckpointError": ("npmnv3.io.pth", "CheckpointError"),
     "load_pth": ("npmnv3.io.pth", "load_pth"),
+    "QTensor": ("npmnv3.io.pth", "QTensor"),
     "load_npz": ("npmnv3.io.npz", "load_npz"),
     "read_weights": ("npmnv3.io.load", "read_weights"),
     "load_model": ("npmnv3.io.load", "load_model"),

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from support import require_torchvision
+from support import randomise, require_torchvision
 
 import npmnv3
 
@@ -19,18 +19,11 @@ CASES = [("small", {}, (2, 3, 64, 48)), ("large", {}, (2, 3, 40, 56)),
 
 
 def torchvision_twin(arch, kw, dtype):
-    require_torchvision()
+    torchvision = require_torchvision()
     import torch
-    import torchvision
     torch.manual_seed(0)
     tv = getattr(torchvision.models, f"mobilenet_v3_{arch}")(dropout=0.0, **kw)
-    with torch.no_grad():
-        for m in tv.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
+    randomise(torch, tv, seed=0)
     ours = getattr(npmnv3, f"mobilenet_v3_{arch}")(dropout=0.0, dtype=dtype, **kw)
     ours.load_state_dict({k: v.numpy() for k, v in tv.state_dict().items()})
     return torch, (tv.double() if dtype == np.float64 else tv), ours

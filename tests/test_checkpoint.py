@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import require_torch, require_torchvision
+from support import randomise, require_torch, require_torchvision
 
-from npmnv3.io import pth as checkpoint
+from npmnv3.io import pth_objects
 from npmnv3.io.pth import CheckpointError, load_pth
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,12 +144,7 @@ def randomised_state_dict(arch: str):
     torch, torchvision = require_torch(), require_torchvision()
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):  # running stats would be 0/1 otherwise
-                m.running_mean.copy_(torch.rand_like(m.running_mean) - 0.5)
-                m.running_var.copy_(torch.rand_like(m.running_var) + 0.5)
-                m.num_batches_tracked.fill_(int(torch.randint(1, 10**6, ())))
+    randomise(torch, model, seed=0)          # running stats would be 0/1 otherwise
     return model.state_dict()
 
 
@@ -403,7 +398,7 @@ def test_forbidden_pickle_constructs(tmp_path, name):
     pkl, match = FORBIDDEN[name]
     with pytest.raises(CheckpointError, match=match):
         load_pth(write_zip(tmp_path / "x.pth", pkl, {"0": W.tobytes()}))
-    assert checkpoint._rebuild_tensor_v2.__defaults__ == (None,)  # nothing was mutated
+    assert pth_objects._rebuild_tensor_v2.__defaults__ == (None,)  # nothing was mutated
 
 
 # --- malformed files: one clear CheckpointError naming the path ---------------------------------

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from support import RTOL32, assert_close, require_torchvision
+from support import RTOL32, assert_close, randomise, require_torchvision
 
 import npmnv3
 from npmnv3.nn.arch import make_divisible, preset_spec
@@ -75,13 +75,7 @@ def test_user_defined_config_matches_torchvision_built_from_the_same_rows():
                 {"relu": "RE", "hard_swish": "HS"}[st["act_type"][j]], st["stride"][j],
                 st.get("dilation", [1] * 99)[j], 1.0))
     tv = MobileNetV3(rows, last_channel=128, num_classes=10).eval()
-    with torch.no_grad():
-        for m in tv.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.3)
-                m.running_var.uniform_(0.5, 2)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
+    randomise(torch, tv, seed=0)
     ours.load_state_dict({k: v.numpy() for k, v in tv.state_dict().items()})
     assert ours.num_parameters() == sum(p.numel() for p in tv.parameters())
     x = np.random.default_rng(0).standard_normal((2, 3, 37, 29)).astype(np.float32)

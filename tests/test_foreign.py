@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import RTOL32, RTOL64, randomise, require_torch, require_torchvision
+from support import RTOL32, RTOL64, randomise, require_timm, require_torch, require_torchvision
 
 import npmnv3
 from npmnv3.io.convert import convert
@@ -39,19 +39,6 @@ from npmnv3.tools.gradcheck import rel_error
 KEYMAPS = Path(__file__).resolve().parent / "data" / "keymaps"
 TIMM_NAMES = {"large": "mobilenetv3_large_100", "small": "mobilenetv3_small_100"}
 N_KEYS = {"large": 312, "small": 244}
-
-
-def require_timm():
-    """Import timm (and torch): skip without it, but fail in CI (CI=true)."""
-    require_torch()
-    try:
-        import timm
-    except ImportError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("timm is required for the reference tests when CI=true "
-                        "(pip install -e '.[test]')")
-        pytest.skip("timm is not installed: timm reference tests skipped")
-    return timm
 
 
 def tv_state_dict(arch: str, seed: int = 0) -> dict[str, np.ndarray]:

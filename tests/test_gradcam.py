@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import RTOL32, RTOL64, assert_close, require_torchvision
+from support import RTOL32, RTOL64, assert_close, randomise, require_torchvision
 
 import npmnv3
 from npmnv3.tools.gradcam import resize_bilinear
@@ -53,13 +53,8 @@ def test_gradcam_equals_torch_autograd(arch, layer):
     import torchvision
     torch.manual_seed(0)
     tv = getattr(torchvision.models, f"mobilenet_v3_{arch}")().eval()
+    randomise(torch, tv, seed=0)
     with torch.no_grad():
-        for m in tv.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 2)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
         tv.classifier[3].weight.normal_(0, 0.5)
     sd = {k: v.numpy() for k, v in tv.state_dict().items()}
     x = np.random.default_rng(1).standard_normal((2, 3, 96, 80))

@@ -1,10 +1,13 @@
 """The notebooks in notebooks/ run top to bottom, in time, and stay small.
 
 Every ``notebooks/*.ipynb`` is executed in a fresh Jupyter kernel with nbclient, from an
-in-memory copy and in a temporary working directory (nothing is written into notebooks/). A
-notebook fails on any cell error (each notebook ends by asserting its own claims), on a cell
-running longer than ``CELL_TIMEOUT``, or when the whole run, kernel start included, takes longer
-than ``BUDGET`` seconds of wall time. Each file must also be at most ``MAX_BYTES`` on disk.
+in-memory copy and in a temporary working directory (nothing is written into notebooks/). The
+executed copy of each notebook that runs without error is kept in ``build/notebooks/``
+(git-ignored; ``docs/executed_notebooks.py``), where the documentation build renders it instead
+of executing the notebook a second time. A notebook fails on any cell error (each notebook ends
+by asserting its own claims), on a cell running longer than ``CELL_TIMEOUT``, or when the whole
+run, kernel start included, takes longer than ``BUDGET`` seconds of wall time. Each file must
+also be at most ``MAX_BYTES`` on disk.
 
 nbclient/nbformat/ipykernel (and torch/torchvision for the notebooks that compare with them) come
 with ``pip install -e '.[test]'``. Without them these tests skip, except with ``CI=true``, where a
@@ -22,13 +25,14 @@ import re
 import time
 from pathlib import Path
 
+import executed_notebooks as nbx
 import pytest
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
+NOTEBOOKS = nbx.NOTEBOOKS
+PATHS = nbx.sources()
 EXPECTED = ("01_building_blocks", "02_inverted_residual", "03_the_network",
             "04_compare_with_torchvision", "05_training", "06_pretrained_inference")
-CELL_TIMEOUT = 300          # seconds per cell (nbclient's timeout)
+CELL_TIMEOUT = nbx.CELL_TIMEOUT     # seconds per cell (nbclient's timeout)
 BUDGET = 120.0              # seconds of wall time per notebook, kernel start included
 MAX_BYTES = 1_000_000       # per file on disk: commit with outputs cleared or small
 # A teaching re-implementation must carry another name (five_line_depthwise, ...) and be
@@ -108,26 +112,74 @@ def test_notebook_follows_the_rules(path):
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
 def test_notebook_runs_within_budget(path, tmp_path):
-    nbformat = _require("nbformat")
+    _require("nbformat")
     nbclient = _require("nbclient")
     _require("ipykernel")
     if _uses_torch(path) and _in_ci():
         _require("torch", f"{path.name} as a comparison with the reference")
         _require("torchvision", f"{path.name} as a comparison with the reference")
-    nb = nbformat.read(path, as_version=4)             # an in-memory copy; the file is untouched
-    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    nb, stamp = nbx.read(path)                         # an in-memory copy; the file is untouched
     start = time.perf_counter()
     try:
-        client.execute()
+        nbx.execute(nb, tmp_path, path)
     except nbclient.exceptions.CellExecutionError as e:
         pytest.fail(f"{path.name} failed after {time.perf_counter() - start:.1f} s:\n{e}",
                     pytrace=False)
     except nbclient.exceptions.CellTimeoutError as e:
         pytest.fail(f"{path.name}: a cell ran longer than {CELL_TIMEOUT} s:\n{e}", pytrace=False)
     elapsed = time.perf_counter() - start
-    assert elapsed <= BUDGET, (f"{path.name} took {elapsed:.1f} s > its budget of {BUDGET:.0f} s "
-                               f"(slowest: {_slowest_cells(nb)})")
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
+    if not errors:
+        nbx.store(nb, stamp, path)                     # the docs build renders it: run only once
+    assert elapsed <= BUDGET, (f"{path.name} took {elapsed:.1f} s > its budget of {BUDGET:.0f} s "
+                               f"(slowest: {_slowest_cells(nb)})")
     assert not errors, f"{path.name}: error outputs {errors}"
+
+
+def _exercise_notebook(tmp_path, solution: str | None):
+    """A two-cell-per-exercise notebook in the convention, with its solutions file."""
+    nbformat = _require("nbformat")
+    v4 = nbformat.v4
+    cells = [v4.new_code_cell("import npmnv3"),
+             v4.new_markdown_cell("## Exercise 1: square a number"),
+             v4.new_code_cell("def my_square(x):\n    raise NotImplementedError  # YOUR CODE"),
+             v4.new_code_cell("try:\n    got = my_square(3)\nexcept NotImplementedError:\n"
+                              "    print('Exercise 1: not done yet')\nelse:\n"
+                              "    assert got == 9, got\n    print('Exercise 1: correct')"),
+             v4.new_code_cell("after = 1\nassert after == 1")]
+    cells[2].metadata["tags"] = ["exercise"]
+    cells[3].metadata["tags"] = ["check"]
+    path = tmp_path / "99_demo.ipynb"
+    nbformat.write(v4.new_notebook(cells=cells), path)
+    if solution is not None:
+        (tmp_path / "solutions").mkdir()
+        (tmp_path / "solutions" / "99_demo.py").write_text(
+            f"# %% Exercise 1\n{solution}\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("case", ["right", "wrong", "missing"])
+def test_exercise_solutions_are_run_and_checked(tmp_path, case):
+    """The reader's run shows 'not done yet'; the solution runs right after the check, in the
+    same kernel, and must make it print 'correct'; a wrong or missing solution fails."""
+    _require("nbclient")
+    _require("ipykernel")
+    solution = {"right": "def my_square(x):\n    return x * x",
+                "wrong": "def my_square(x):\n    return x + x", "missing": None}[case]
+    path = _exercise_notebook(tmp_path, solution)
+    nb, _ = nbx.read(path)
+    if case == "missing":
+        with pytest.raises(ValueError, match=r"1 exercises, but .*99_demo\.py has sections \[\]"):
+            nbx.execute(nb, tmp_path, path)
+        return
+    if case == "wrong":
+        with pytest.raises(AssertionError, match="exercise 1: running the check after its "
+                                                 "solution failed(.|\n)*assert got == 9"):
+            nbx.execute(nb, tmp_path, path)
+        return
+    nbx.execute(nb, tmp_path, path)
+    shown = "".join(o.get("text", "") for o in nb.cells[3].outputs)
+    assert shown.strip() == "Exercise 1: not done yet"          # what the reader (and docs) see
+    counts = [c.execution_count for c in nb.cells if c.cell_type == "code"]
+    assert counts == [1, 2, 3, 4], counts                        # the scratch runs do not count

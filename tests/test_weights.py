@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import require_torchvision
+from support import randomise, require_torchvision
 
 from npmnv3 import weights as W
 from npmnv3.cli import main
@@ -45,13 +45,7 @@ def checkpoint(tmp_path_factory):
 
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v3_small()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
+    randomise(torch, model, seed=0)
     path = tmp_path_factory.mktemp("ckpt") / "random_small.pth"
     torch.save(model.state_dict(), path)
     data = path.read_bytes()

@@ -14,6 +14,10 @@ from functools import lru_cache
 import numpy as np
 
 from ..nn.config import MobileNetV3Config, known_variants
+from .pth import is_quantized_state_dict
+
+QUANTIZED_HINT = ("a quantized (int8) checkpoint, not a float one: load it into "
+                  "npmnv3.quantized_mobilenet_v3_large() (npmnv3 classify --quantized)")
 
 FOREIGN_STYLES = {                         # a key prefix that gives each library away
     "timm": ("conv_stem.", "blocks.", "conv_head."),
@@ -71,6 +75,8 @@ def check_state_dict(sd: dict, layout, *, strict: bool = True,
     problem (missing keys, unexpected keys, shape mismatches) when there are any."""
     if not isinstance(sd, dict):
         raise ValueError(f"state_dict must be a dict of arrays, got {type(sd).__name__}")
+    if is_quantized_state_dict(sd):
+        raise ValueError(QUANTIZED_HINT)
     want = {k: tuple(s) for k, s, _ in layout}
     missing = [k for k in want if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in want]
