@@ -105,7 +105,7 @@ USAGE = [
      "argument --input-size: an --image is center-cropped to a square"),
     (["compare"], "--model large|small is needed unless --weights is given"),
     (["classify", PHOTO, "--batch-size", "0"], "argument --batch-size: must be a positive"),
-    (["evaluate", DATA, "--workers", "-1"], "argument --workers: must be >= 0"),
+    (["evaluate", DATA, "--workers", "-1"], "argument --workers: must be an integer >= 0, got -1"),
     (["selfcheck", "--seed", "x"], "argument --seed: expected an integer >= 0, got 'x'"),
     (["no-such-command"], "invalid choice"),
     (["weights"], "the following arguments are required"),
