@@ -32,8 +32,6 @@ import time
 from collections import deque
 from pathlib import Path
 
-import numpy as np
-
 from .cliargs import HelpFormatter, nonnegative_int, positive_int
 
 TOPK = 5
@@ -138,9 +136,11 @@ def torchvision_loader(path):
         return img.convert("RGB")
 
 
-def prepare_batch(paths, preprocessing) -> tuple[np.ndarray | None, list[int], list[str]]:
-    """(stacked inputs of the readable images, their positions, an error per position or
-    None): one task of a worker."""
+def prepare_batch(paths, preprocessing):
+    """(stacked inputs of the readable images or None, their positions, an error per position
+    or None): one task of a worker."""
+    import numpy as np
+
     from ..data.preprocess import preprocess
     from .classify import error_text
 
@@ -195,6 +195,7 @@ def evaluate_folder(root, classifier, *, class_index=None, batch_size: int = 32,
     decoding processes (default: one per core; 0: in this process); ``on_error(path, msg)``
     is called for each unreadable file as it is found; ``per_image``: add every image's label
     and top-5 to the report; ``found``: ``find_samples(root)`` if already called."""
+    import numpy as np
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -248,6 +249,8 @@ def evaluate_folder(root, classifier, *, class_index=None, batch_size: int = 32,
 
 def _report(root, clf, samples, folders, index, how, labels, top, read, unreadable, seconds,
             infer_s, workers, batch_size, per_image) -> dict:
+    import numpy as np
+
     hit1 = read & (top[:, 0] == labels)
     hit5 = read & (top == labels[:, None]).any(axis=1)
     n = int(read.sum())
