@@ -23,7 +23,7 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("NUMBA_NUM_THREADS", "2")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "2")
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")       # as npmnv3/__init__.py sets it
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # reference kernels: README "Speed"
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402  (loaded first: its OpenMP pool keeps torch's default spin-waiting)

@@ -10,11 +10,12 @@ import sys
 THREADS = "2"
 
 
-def run_worker(script: str, *args: str, timeout: float = 3600) -> dict:
+def run_worker(script: str, *args: str, timeout: float = 3600, env: dict | None = None) -> dict:
     """Run ``python script --worker ...args`` in a fresh process with 2 threads for every pool
-    (OpenMP, Numba, OpenBLAS, MKL) and return the JSON dict it prints last."""
-    env = dict(os.environ, OMP_NUM_THREADS=THREADS, NUMBA_NUM_THREADS=THREADS,
-               OPENBLAS_NUM_THREADS=THREADS, MKL_NUM_THREADS=THREADS)
+    (OpenMP, Numba, OpenBLAS, MKL) and return the JSON dict it prints last. ``env``: extra
+    environment variables for the worker (e.g. a fresh ``NUMBA_CACHE_DIR``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": THREADS, "NUMBA_NUM_THREADS": THREADS,
+           "OPENBLAS_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS, **(env or {})}
     cmd = [sys.executable, script, "--worker", *args]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if res.returncode:

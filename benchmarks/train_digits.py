@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# What `import npmnv3` sets when it comes before NumPy (README, "Thread pools").
+# The training path calls multi-threaded OpenBLAS between Numba loops (README, "Speed").
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import numpy as np  # noqa: E402

@@ -6,20 +6,10 @@ reference the tests compare against, never a run-time dependency.
 """
 
 import importlib as _importlib
-import os as _os
-import sys as _sys
 
-# Thread pools: NumPy's OpenBLAS and Numba's OpenMP pool take turns on the same cores. OpenBLAS
-# workers spin for a long time after each matrix multiply (by default ~2^28 cycles), so the next
-# Numba parallel loop waits for the OS scheduler: ~8 ms per switch on 2 cores
-# (benchmarks/README.md). OPENBLAS_THREAD_TIMEOUT=4 makes them sleep right away; OpenBLAS reads
-# it once, when NumPy is first imported. If NumPy was imported before npmnv3 without it, Numba's
-# pool is made to wait passively instead (~50 us per parallel loop, but no 8 ms stalls).
-# A value the user has set is always kept.
-if "numpy" not in _sys.modules:
-    _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-elif "OPENBLAS_THREAD_TIMEOUT" not in _os.environ:
-    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Thread pools: nothing is set at import (no environment variable): the kernels run BLAS
+# single-threaded inside their calls and leave the cores to Numba's loops, whatever library was
+# imported first (npmnv3/kernels/threads.py).
 
 __version__ = "0.1.0"
 
@@ -61,6 +51,10 @@ _API = {
     "evaluate_folder": ("npmnv3.tools.evaluate", "evaluate_folder"),
     "numerical_gradient": ("npmnv3.tools.gradcheck", "numerical_gradient"),
     "rel_error": ("npmnv3.tools.gradcheck", "rel_error"),
+    "QuantizedMobileNetV3": ("npmnv3.nn.quantized", "QuantizedMobileNetV3"),
+    "quantized_mobilenet_v3_large": ("npmnv3.nn.quantized", "quantized_mobilenet_v3_large"),
+    "quantized_mobilenet_v3_small": ("npmnv3.nn.quantized", "quantized_mobilenet_v3_small"),
+    "quantize": ("npmnv3.nn.ptq", "quantize"),
 }
 __all__ = ["__version__", *_API]
 

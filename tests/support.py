@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from npmnv3.tools.compare import randomise  # noqa: F401  (the one BN/bias randomiser)
 from npmnv3.tools.gradcheck import numerical_gradient, rel_error
 
 # Tolerances, as max|ours - torch| / max|torch| over a whole tensor (npmnv3.rel_error).
@@ -53,26 +54,6 @@ def require_torchvision():
 def require_timm():
     require_torch()
     return require("timm")
-
-
-def randomise(torch, model, seed: int):
-    """Random BN weight/bias/running_mean/running_var/num_batches_tracked and nonzero biases
-    (SE convs, classifier, timm's conv_head): torchvision initialises all of them to 1/0, and
-    identity batch norm hides bugs. Works on torchvision and timm models. The ranges keep the
-    network well conditioned (BN weights 0.5..1.5, variances 0.5..2), so float32 results stay
-    within a few ulp-accumulations of the float64 truth and a tolerance can be tight."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(0.5 + torch.rand(c, generator=g))
-                m.bias.copy_(0.2 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=g))
-                m.num_batches_tracked.fill_(int(torch.randint(1, 10_000, (), generator=g)))
-            elif isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
 
 
 def randn(rng, shape, dtype, scale=1.0):

@@ -31,7 +31,8 @@ import pytest
 NOTEBOOKS = nbx.NOTEBOOKS
 PATHS = nbx.sources()
 EXPECTED = ("01_building_blocks", "02_inverted_residual", "03_the_network",
-            "04_compare_with_torchvision", "05_training", "06_pretrained_inference")
+            "04_compare_with_torchvision", "05_training", "06_pretrained_inference",
+            "07_from_textbook_to_engine", "08_int8_quantization")
 CELL_TIMEOUT = nbx.CELL_TIMEOUT     # seconds per cell (nbclient's timeout)
 BUDGET = 120.0              # seconds of wall time per notebook, kernel start included
 MAX_BYTES = 1_000_000       # per file on disk: commit with outputs cleared or small

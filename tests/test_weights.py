@@ -27,6 +27,7 @@ from support import randomise, require_torchvision
 
 from npmnv3 import weights as W
 from npmnv3.cli import main
+from npmnv3.data.preprocess import preprocess as npmnv3_preprocess
 from npmnv3.io.convert import convert
 from npmnv3.io.npz import META_KEY, load_npz
 
@@ -130,7 +131,7 @@ def leftovers(d: Path) -> list[str]:
 
 
 def test_registry_matches_torchvision_meta():
-    assert set(W.REGISTRY) == {"large-v1", "large-v2", "small-v1"}
+    assert set(W.REGISTRY) == {"large-v1", "large-v2", "small-v1", "large-qnnpack-v1"}
     assert W.get("large") is W.get("large-v2") and W.get("small") is W.get("small-v1")
     assert W.DEFAULTS == {"large": "large-v2", "small": "small-v1"}
     for e in W.REGISTRY.values():
@@ -138,7 +139,7 @@ def test_registry_matches_torchvision_meta():
         assert e.url().endswith("/" + e.file_name)
         assert e.crop_size == 224 and len(e.categories) == 1000
         assert e.num_params == {"large": 5_483_032, "small": 2_542_856}[e.arch]
-    assert [e.resize_size for e in W.REGISTRY.values()] == [256, 232, 256]
+    assert [e.resize_size for e in W.REGISTRY.values()] == [256, 232, 256, 256]
     assert W.get("large-v2").url(None).startswith("http://127.0.0.1:")   # env wins
     assert W.get("large-v2").url("https://x.org/m/") == \
         "https://x.org/m/mobilenet_v3_large-5c1a4163.pth"
@@ -358,3 +359,105 @@ def test_official_file_given_by_path_is_verified_but_kept(entry, checkpoint, tmp
         with pytest.raises(W.WeightsError, match="sha256 mismatch.*not the official test-small"):
             load_classifier(weights=path)
         assert path.exists()
+
+
+# ----------------------------------------------------------------------------- int8 weights
+
+
+def test_quantized_entry_matches_torchvision_meta():
+    require_torchvision()
+    from torchvision.models.quantization import MobileNet_V3_Large_QuantizedWeights as QW
+
+    tv, e = QW.IMAGENET1K_QNNPACK_V1, W.get("large-qnnpack-v1")
+    assert e.quantized and W.QUANTIZED_DEFAULTS == {"large": e.name}
+    assert e.url(W.DEFAULT_BASE_URL) == tv.url and f"-{e.sha256_prefix}." in e.file_name
+    metrics = tv.meta["_metrics"]["ImageNet-1K"]
+    assert (e.acc1, e.acc5, e.num_params) == (metrics["acc@1"], metrics["acc@5"],
+                                              tv.meta["num_params"])
+    t = tv.transforms()
+    assert (e.resize_size, e.crop_size) == (t.resize_size[0], t.crop_size[0])
+
+
+@pytest.fixture(scope="module")
+def qat_checkpoint(tmp_path_factory):
+    """(bytes, sha256, converted torch model) of a QAT-prepared MobileNetV3-Small state_dict:
+    the format of torchvision's published int8 weights (randomised BN, calibrated)."""
+    require_torchvision()
+    import torch
+
+    from npmnv3.tools.qcompare import qat_prepared, quantized_engine
+    with quantized_engine("qnnpack"):
+        model = qat_prepared("small", width_mult=0.5, seed=1)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for _ in range(2):
+                model(torch.randn(2, 3, 224, 224, generator=g))
+        path = tmp_path_factory.mktemp("qat") / "qat_small.pth"
+        torch.save(model.state_dict(), path)
+        torch.ao.quantization.convert(model, inplace=True)
+    data = path.read_bytes()
+    return data, hashlib.sha256(data).hexdigest(), model.eval()
+
+
+@pytest.fixture
+def qentry(qat_checkpoint, monkeypatch):
+    _, sha, _ = qat_checkpoint
+    e = W.WeightsEntry("test-qsmall", "small", "test", f"mobilenet_v3_small_qnnpack-{sha[:8]}.pth",
+                       sha[:8], 0.0, 0.0, 1_000_000, 256, quantized=True, url_dir="quantized")
+    monkeypatch.setitem(W.REGISTRY, e.name, e)
+    return e
+
+
+def test_quantized_weights_fetched_verified_and_classified(server, qentry, qat_checkpoint,
+                                                           tmp_path, capsys):
+    data, sha, torch_model = qat_checkpoint
+    server.files[qentry.file_name] = data
+    assert main(["weights", "fetch", "test-qsmall"]) == 0
+    pth = tmp_path / "home" / qentry.file_name
+    assert f"test-qsmall: {pth} (downloaded {server.url}/quantized/{qentry.file_name}" in \
+        capsys.readouterr().out
+    assert leftovers(pth.parent) == [qentry.file_name]           # kept as the .pth, no .npz
+    image = REPO / "tests" / "data" / "coffee.jpg"
+    assert main(["classify", str(image), "--quantized", "--weights", "test-qsmall", "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["top"]
+    # torch's converted model on the same preprocessed image: the same logits, so the same top-5
+    import torch
+
+    from npmnv3.tools.classify import softmax
+    from npmnv3.tools.qcompare import quantized_engine
+    x = npmnv3_preprocess(image, **qentry.preprocessing)
+    with quantized_engine("qnnpack"), torch.no_grad():
+        probs = softmax(torch_model(torch.from_numpy(x[None])).numpy())[0]
+    want = np.argsort(-probs, kind="stable")[:5]
+    assert [t["index"] for t in top] == want.tolist()
+    np.testing.assert_allclose([t["prob"] for t in top], probs[want], rtol=1e-12)
+    assert len(server.hits) == 1                                   # verified, not re-fetched
+    flip_byte(pth, len(data) // 2)
+    assert main(["classify", str(image), "--quantized", "--weights", "test-qsmall"]) == 1
+    assert "sha256 mismatch" in capsys.readouterr().err and not pth.exists()
+
+
+def test_quantized_list_and_refusals(capsys, tmp_path, checkpoint):
+    assert main(["weights", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "large-qnnpack-v1" in out and "large int8" in out and "mobilenet_v3_large_qnnpack-" \
+        "5bcacf28.pth" in out and "--quantized --model large: large-qnnpack-v1" in out
+    from npmnv3.tools.classify import load_classifier
+    with pytest.raises(ValueError, match="publishes no int8 weights for MobileNetV3-small"):
+        load_classifier("small", quantized=True)
+    with pytest.raises(ValueError, match="large-v2 are float weights"):
+        load_classifier(weights="large-v2", quantized=True)
+    float_pth = tmp_path / "float_small.pth"
+    float_pth.write_bytes(checkpoint[0])
+    with pytest.raises(ValueError, match="float MobileNetV3 state_dict"):
+        load_classifier(weights=float_pth, quantized=True)
+
+
+def test_int8_checkpoints_given_to_the_float_model_say_so(qat_checkpoint, tmp_path, capsys):
+    qat = tmp_path / "qat_small.pth"
+    qat.write_bytes(qat_checkpoint[0])
+    image = REPO / "tests" / "data" / "coffee.jpg"
+    assert main(["classify", str(image), "--weights", str(qat)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "quantization-aware-training (QAT) checkpoint" in err \
+        and "--quantized" in err, err

@@ -34,8 +34,8 @@ from .npz import (
     read_npz,
     write_npz,
 )
-from .pth import CheckpointError, is_quantized_state_dict, load_pth
-from .statedict import QUANTIZED_HINT, foreign_style, infer_config
+from .pth import CheckpointError, load_pth
+from .statedict import foreign_style, infer_config, int8_hint
 
 
 @dataclass
@@ -120,8 +120,8 @@ def interpret_state_dict(sd: dict, path, *, source=None, config=None) -> tuple[d
     ``path``: keys renamed, the network inferred (``config``: a MobileNetV3Config or dict of
     builder arguments to use instead; what it does not give comes from the weights)."""
     path = Path(path)
-    if is_quantized_state_dict(sd):
-        raise CheckpointError(f"{path}: {QUANTIZED_HINT}")
+    if int8_hint(sd):
+        raise CheckpointError(f"{path}: {int8_hint(sd)}")
     sd, library = _rename(sd, source, path)
     found = infer_config(sd) if sd else None
     given = {} if config is None else (

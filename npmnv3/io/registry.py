@@ -17,6 +17,10 @@ hash matches; on any failure nothing is left.
 Where files live: ``$NPMNV3_HOME`` if set, else ``weights/`` of a source checkout, else
 ``~/.cache/npmnv3``. The base URL is ``$NPMNV3_WEIGHTS_URL`` or the ``base_url`` argument
 (tests point it at a local server), default torchvision's ``https://download.pytorch.org/models``.
+
+The int8 weights (``large-qnnpack-v1``: torchvision's QAT checkpoint for its quantized model)
+are not converted to ``.npz``: ``fetch`` returns the verified ``.pth`` and
+``npmnv3.nn.qat.from_qat_state_dict`` turns it into the int8 model when it is used.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ from .convert import convert, sha256_of
 from .npz import read_npz
 from .pth import CheckpointError
 
-__all__ = ["REGISTRY", "ALIASES", "DEFAULTS", "WeightsEntry", "WeightsError", "DownloadError",
-           "get", "names", "imagenet_categories", "imagenet_wnids", "weights_dir",
-           "torch_hub_dir", "fetch", "load_state_dict", "verify_file", "entry_for_file", "status"]
+__all__ = ["REGISTRY", "ALIASES", "DEFAULTS", "QUANTIZED_DEFAULTS", "WeightsEntry",
+           "WeightsError", "DownloadError", "get", "names", "imagenet_categories",
+           "imagenet_wnids", "weights_dir", "torch_hub_dir", "fetch", "load_state_dict",
+           "verify_file", "entry_for_file", "status"]
 
 DEFAULT_BASE_URL = "https://download.pytorch.org/models"
 DEFAULT_TIMEOUT = 30.0      # seconds without a byte from the server before giving up
@@ -89,10 +94,13 @@ class WeightsEntry:
     num_params: int
     resize_size: int        # preprocessing: shorter side -> resize_size, center crop crop_size
     crop_size: int = 224
+    quantized: bool = False  # int8: a QAT-prepared state_dict, kept as the .pth (nn/qat.py)
+    url_dir: str = ""        # sub-directory of the base URL ("quantized" for the int8 files)
 
     def url(self, base_url: str | None = None) -> str:
         base = base_url or os.environ.get("NPMNV3_WEIGHTS_URL") or DEFAULT_BASE_URL
-        return f"{base.rstrip('/')}/{self.file_name}"
+        sub = f"{self.url_dir}/" if self.url_dir else ""
+        return f"{base.rstrip('/')}/{sub}{self.file_name}"
 
     @property
     def preprocessing(self) -> dict:
@@ -116,9 +124,16 @@ REGISTRY: dict[str, WeightsEntry] = {e.name: e for e in [
                  "mobilenet_v3_large-5c1a4163.pth", "5c1a4163", 75.274, 92.566, 5_483_032, 232),
     WeightsEntry("small-v1", "small", "MobileNet_V3_Small_Weights.IMAGENET1K_V1",
                  "mobilenet_v3_small-047dcff4.pth", "047dcff4", 67.668, 87.402, 2_542_856, 256),
+    # torchvision models/quantization/mobilenetv3.py: MobileNet_V3_Large_QuantizedWeights
+    # (QAT for qnnpack; ImageClassification(crop_size=224): resize 256)
+    WeightsEntry("large-qnnpack-v1", "large",
+                 "MobileNet_V3_Large_QuantizedWeights.IMAGENET1K_QNNPACK_V1",
+                 "mobilenet_v3_large_qnnpack-5bcacf28.pth", "5bcacf28", 73.004, 90.858,
+                 5_483_032, 256, quantized=True, url_dir="quantized"),
 ]}
 ALIASES = {"large": "large-v2", "small": "small-v1"}
 DEFAULTS = {"large": "large-v2", "small": "small-v1"}    # torchvision's DEFAULT per model
+QUANTIZED_DEFAULTS = {"large": "large-qnnpack-v1"}   # torchvision ships no int8 Small weights
 
 
 def names() -> list[str]:
@@ -263,7 +278,7 @@ def _fetch(name: str, base_url, timeout: float, progress: bool):
     entry = get(name)
     d = weights_dir()
     npz, pth = d / entry.npz_name, d / entry.file_name
-    if npz.is_file():
+    if npz.is_file() and not entry.quantized:
         return (npz, *verify_file(npz, entry, remove=True), "npz")
     d.mkdir(parents=True, exist_ok=True)
     if pth.is_file():
@@ -274,6 +289,8 @@ def _fetch(name: str, base_url, timeout: float, progress: bool):
     else:
         _download(entry.url(base_url), pth, entry, timeout=timeout, progress=progress)
         src, origin = pth, "download"
+    if entry.quantized:            # int8 QAT weights: used as the .pth (npmnv3.nn.qat converts)
+        return src, None, None, origin
     convert(src, npz, arch=entry.arch, preprocessing=entry.preprocessing)
     return (npz, *verify_file(npz, entry, remove=True), origin)
 
@@ -281,18 +298,23 @@ def _fetch(name: str, base_url, timeout: float, progress: bool):
 def fetch(name: str, *, base_url: str | None = None, timeout: float = DEFAULT_TIMEOUT,
           progress: bool = False, with_origin: bool = False):
     """Path of the verified ``.npz`` for registry name ``name``, downloading the ``.pth`` and
-    converting it if it is not there yet (see the module docstring for the order). ``progress``
+    converting it if it is not there yet (see the module docstring for the order); for a
+    quantized entry, the verified ``.pth`` itself (it is checked on every use). ``progress``
     shows a tqdm bar on stderr while downloading. ``with_origin``: return ``(path, origin)``,
-    origin "npz" (was there), "pth" (converted from the .pth there), "torch hub cache" or
-    "download". Raises ``WeightsError``/``DownloadError``."""
+    origin "npz" (was there), "pth" (converted from, or for int8 weights used as, the .pth
+    there), "torch hub cache" or "download". Raises ``WeightsError``/``DownloadError``."""
     path, _, _, origin = _fetch(name, base_url, timeout, progress)
     return (path, origin) if with_origin else path
 
 
 def load_state_dict(name: str, *, base_url: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                     progress: bool = False):
-    """``(state_dict, meta)`` of the verified weights ``name`` (fetched if needed)."""
-    _, sd, meta, _ = _fetch(name, base_url, timeout, progress)
+    """``(state_dict, meta)`` of the verified weights ``name`` (fetched if needed); a quantized
+    entry's is the QAT state_dict of its .pth, meta ``{}``."""
+    path, sd, meta, _ = _fetch(name, base_url, timeout, progress)
+    if get(name).quantized:
+        from .pth import load_pth
+        return load_pth(path), {}
     return sd, meta
 
 

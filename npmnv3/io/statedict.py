@@ -18,6 +18,18 @@ from .pth import is_quantized_state_dict
 
 QUANTIZED_HINT = ("a quantized (int8) checkpoint, not a float one: load it into "
                   "npmnv3.quantized_mobilenet_v3_large() (npmnv3 classify --quantized)")
+QAT_HINT = ("a quantization-aware-training (QAT) checkpoint, like torchvision's published int8 "
+            "weights, not a float one: convert it with npmnv3.nn.qat.from_qat_state_dict "
+            "(npmnv3 classify --quantized)")
+
+
+def int8_hint(sd: dict) -> str | None:
+    """What to say when ``sd`` is an int8 checkpoint given to the float model, else None."""
+    if is_quantized_state_dict(sd):
+        return QUANTIZED_HINT
+    if any(k.endswith("weight_fake_quant.observer_enabled") for k in sd):
+        return QAT_HINT
+    return None
 
 FOREIGN_STYLES = {                         # a key prefix that gives each library away
     "timm": ("conv_stem.", "blocks.", "conv_head."),
@@ -75,8 +87,8 @@ def check_state_dict(sd: dict, layout, *, strict: bool = True,
     problem (missing keys, unexpected keys, shape mismatches) when there are any."""
     if not isinstance(sd, dict):
         raise ValueError(f"state_dict must be a dict of arrays, got {type(sd).__name__}")
-    if is_quantized_state_dict(sd):
-        raise ValueError(QUANTIZED_HINT)
+    if int8_hint(sd):
+        raise ValueError(int8_hint(sd))
     want = {k: tuple(s) for k, s, _ in layout}
     missing = [k for k in want if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in want]

@@ -23,6 +23,7 @@ from numba import njit, prange
 from ._checks import check_array, check_conv_geometry, check_positive_int, check_shape, choose_impl
 from .depthwise import _tap_slice, _to_phases
 from .epilogue import apply_act
+from .threads import blas_single
 
 
 class Conv2dCache(NamedTuple):
@@ -189,6 +190,7 @@ def direct_conv_forward(x, w, b, *, stride, padding, dilation, act=0, kfirst=Fal
     return out
 
 
+@blas_single
 def conv2d_forward_fast(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1):
     """Convolution as one matrix multiply per image and group: out = W @ im2col(x) + b
     (few input channels, like the 3-channel stem: the direct polyphase loop instead).
@@ -212,6 +214,7 @@ def conv2d_forward_fast(x, w, b=None, *, stride=1, padding=0, dilation=1, groups
     return out, Conv2dCache(x, w, b is not None, stride, padding, dilation, groups)
 
 
+@blas_single
 def conv2d_backward_fast(dout, cache: Conv2dCache, need_dx: bool = True):
     """dW = sum_n dout_n @ cols_n^T,  dcols = W^T @ dout, dx = col2im(dcols),  db = sum dout.
 
@@ -300,6 +303,7 @@ def pointwise_backward_naive(dout, cache: PointwiseCache):
     return dx, dw.reshape(w.shape), db
 
 
+@blas_single
 def pointwise_forward_fast(x, w, b=None):
     """1x1 convolution as one GEMM per image: out_n (K, H*W) = W (K, C) @ x_n (C, H*W) + b."""
     _check_pointwise(x, w, b)
@@ -312,6 +316,7 @@ def pointwise_forward_fast(x, w, b=None):
     return out.reshape(N, K, H, W), PointwiseCache(x, w, b is not None)
 
 
+@blas_single
 def pointwise_backward_fast(dout, cache: PointwiseCache):
     """dx_n = W^T @ dout_n;  dW = sum_n dout_n @ x_n^T;  db = sum over n, i, j of dout."""
     x, w, has_bias = cache

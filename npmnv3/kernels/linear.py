@@ -15,6 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._checks import check_array, check_shape, choose_impl
+from .threads import blas_single
 
 
 class LinearCache(NamedTuple):
@@ -64,6 +65,7 @@ def linear_backward_naive(dout, cache: LinearCache):
     return dx, dw, db
 
 
+@blas_single
 def linear_forward_fast(x, w, b=None):
     """One GEMM: y = x @ W.T (+ b)."""
     _check_args(x, w, b)
@@ -73,6 +75,7 @@ def linear_forward_fast(x, w, b=None):
     return out, LinearCache(x, w, b is not None)
 
 
+@blas_single
 def linear_backward_fast(dout, cache: LinearCache):
     """Two GEMMs: dx = dy @ W, dW = dy.T @ x; db = column sums of dy."""
     x, w, has_bias = cache

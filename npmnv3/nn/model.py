@@ -220,10 +220,12 @@ class MobileNetV3:
     def __call__(self, x, **kwargs):
         return self.forward(x, **kwargs)
 
-    def forward(self, x, *, rng=None, freeze_backbone=False):
+    def forward(self, x, *, rng=None, freeze_backbone=False, engine=True):
         """Logits (N, num_classes) for images x (N, 3, H, W) in the model's dtype.
 
         Train mode: batch statistics (the running ones are updated), dropout from ``rng``.
+        Eval mode runs the folded engine unless ``engine=False`` (then the blocks: the
+        reference path, as in train mode) or ``impl="naive"``.
         ``freeze_backbone``: ``features`` run in eval mode whatever the model's mode (running
         statistics used and left alone) and a following ``backward`` stops at the classifier,
         returning dL/d(features output): fine-tuning a pretrained network's head.
@@ -237,7 +239,7 @@ class MobileNetV3:
             logits, c_head = classifier_forward(feats, self.head, self._weights(), ctx)
             self._trace = Trace(len(x), head=c_head) if keep else None
             return logits
-        if not self.training and self.impl == "fast":       # eval: the folded engine
+        if engine and not self.training and self.impl == "fast":   # eval: the folded engine
             logits = self.folded()(x)
             self._trace = Trace(len(x), replay=x) if keep else None
             return logits

@@ -30,7 +30,7 @@ __all__ = ["Classifier", "load_classifier", "resolve_weights", "classify", "iter
 class Classifier:
     """A model in eval mode plus what is needed to use it on images: the class names and the
     preprocessing its weights were evaluated (or trained) with."""
-    model: object                   # npmnv3.MobileNetV3
+    model: object                   # npmnv3.MobileNetV3 (or QuantizedMobileNetV3)
     categories: tuple[str, ...]
     preprocessing: dict = field(default_factory=imagenet_preprocessing)
     source: str = ""                # what the weights are: registry name or file
@@ -77,6 +77,10 @@ def resolve_weights(weights, *, model: str | None = None, base_url: str | None =
         weights = W.DEFAULTS[model or "large"]
     if str(weights) in W.names():
         entry = W.get(str(weights))
+        if entry.quantized:
+            raise ValueError(f"{entry.name} are int8 weights for the quantized model: use them "
+                             f"with npmnv3 classify --quantized (or npmnv3.load_classifier("
+                             f"weights={entry.name!r}))")
         found = read_weights(W.fetch(entry.name, base_url=base_url, progress=progress))
         source = entry.name
     else:
@@ -95,12 +99,54 @@ def resolve_weights(weights, *, model: str | None = None, base_url: str | None =
     return found, entry, source
 
 
+def _quantized_classifier(model, weights, base_url, progress) -> Classifier:
+    """The int8 model (``npmnv3.QuantizedMobileNetV3``) of torchvision's quantized weights
+    (default ``large-qnnpack-v1``) or of a quantized / QAT-prepared ``.pth`` file."""
+    from ..io.pth import load_pth
+    from ..nn.qat import quantized_from_state_dict
+
+    if weights is None:
+        if (model or "large") not in W.QUANTIZED_DEFAULTS:
+            raise ValueError(f"torchvision publishes no int8 weights for MobileNetV3-{model}; "
+                             f"pass --weights FILE (a quantized or QAT-prepared .pth)")
+        weights = W.QUANTIZED_DEFAULTS[model or "large"]
+    if str(weights) in W.names():
+        entry = W.get(str(weights))
+        if not entry.quantized:
+            raise ValueError(f"{entry.name} are float weights, not int8 ones: drop --quantized, "
+                             f"or quantize a float model with npmnv3.quantize(model, images)")
+        path, source = W.fetch(entry.name, base_url=base_url, progress=progress), entry.name
+    else:
+        path, source = Path(weights), str(weights)
+        if not path.is_file():
+            raise W.WeightsError(f"{path}: no such file; --quantized --weights takes a .pth "
+                                 f"file or one of {', '.join(W.QUANTIZED_DEFAULTS.values())}")
+        entry = W.entry_for_file(path.name)
+        if entry is not None:
+            W.verify_file(path, entry)
+    qmodel = quantized_from_state_dict(load_pth(path))
+    if model is not None and qmodel.config.arch != model:
+        raise ValueError(f"--model {model} given, but {source} holds quantized "
+                         f"{qmodel.config.describe()} weights")
+    n = qmodel.config.num_classes
+    categories = W.imagenet_categories() if n == 1000 else tuple(f"class {i}" for i in range(n))
+    prep = entry.preprocessing if entry is not None else imagenet_preprocessing()
+    return Classifier(qmodel, categories, prep, source)
+
+
 def load_classifier(model: str | None = None, weights: str | os.PathLike | None = None, *,
-                    base_url: str | None = None, progress: bool = False) -> Classifier:
+                    quantized: bool = False, base_url: str | None = None,
+                    progress: bool = False) -> Classifier:
     """A ``Classifier`` for ``model`` ("large"/"small", default: what the weights hold, else
     "large") with ``weights``: a registry name (default: ``large-v2`` / ``small-v1``, fetched
     if needed) or a ``.pth``/``.npz`` file. Preprocessing and class names come with the
-    weights (recorded in their .npz, or the registry's recipe, else torchvision's preset)."""
+    weights (recorded in their .npz, or the registry's recipe, else torchvision's preset).
+    ``quantized``: the int8 model, with torchvision's quantized weights by default (a
+    registry name of int8 weights implies it)."""
+    if model not in (None, "large", "small"):
+        raise ValueError(f"model must be 'large' or 'small', got {model!r}")
+    if quantized or (str(weights) in W.names() and W.get(str(weights)).quantized):
+        return _quantized_classifier(model, weights, base_url, progress)
     found, entry, source = resolve_weights(weights, model=model, base_url=base_url,
                                            progress=progress)
     prep = found.preprocessing or (entry.preprocessing if entry is not None else
@@ -173,19 +219,20 @@ def run(clf: Classifier, items, *, topk: int | None = None, batch_size: int = 8,
 
 def classify(paths, model: str | None = None, weights=None, topk: int | None = None, *,
              batch_size: int = 8, exif_transpose: bool = True, base_url: str | None = None,
-             progress: bool = False) -> list[dict]:
+             progress: bool = False, quantized: bool = False) -> list[dict]:
     """Classify image files and directories (walked, sorted, by image extension).
 
     Returns one dict per image, in order: ``{"image": path, "top": [{"index", "label",
     "prob"}, ...]}`` (``topk`` entries, default ``min(5, classes)``, most probable first), or
     ``{"image": path, "error": message}`` for a file that could not be read. ``model``/
-    ``weights`` as in ``load_classifier``; the weights are loaded only if there is an image
-    to classify.
+    ``weights``/``quantized`` as in ``load_classifier``; the weights are loaded only if there
+    is an image to classify.
     """
     items = find_images([paths] if isinstance(paths, (str, os.PathLike)) else paths)
     if all(err is not None for _, err in items):
         return [{"image": p, "error": err} for p, err in items]
-    clf = load_classifier(model, weights, base_url=base_url, progress=progress)
+    clf = load_classifier(model, weights, quantized=quantized, base_url=base_url,
+                          progress=progress)
     return run(clf, items, topk=topk, batch_size=batch_size, exif_transpose=exif_transpose)
 
 

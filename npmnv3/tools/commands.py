@@ -74,7 +74,7 @@ def register(sub) -> None:
                                   "there yet)")):
         q = wsub.add_parser(action, help=what, description=what, formatter_class=HelpFormatter)
         q.add_argument("name", metavar="NAME", help="large-v1, large-v2, small-v1 (or large, "
-                                                    "small)")
+                                                    "small), large-qnnpack-v1 (int8)")
 
     p = _parser(sub, "classify", cmd_classify, "top-k classes of images, printed as each batch "
                 "finishes; exit 1 if any image could not be read", uses_kernels=True)
@@ -85,6 +85,9 @@ def register(sub) -> None:
     p.add_argument("--weights", metavar="NAME|FILE",
                    help="registry name (default large-v2 / small-v1, fetched if needed), a "
                         "torchvision .pth or an npmnv3 .npz (npmnv3 train's model.npz)")
+    p.add_argument("--quantized", action="store_true",
+                   help="the int8 model: torchvision's quantized weights (large-qnnpack-v1, "
+                        "fetched if needed), or --weights FILE of a quantized/QAT .pth")
     p.add_argument("--topk", type=positive_int, metavar="K",
                    help="classes shown per image (default: 5, or the model's classes if fewer)")
     p.add_argument("--json", action="store_true", help="print a JSON list (failed images "
@@ -230,20 +233,23 @@ def cmd_weights(args) -> int:
     from ..io import registry as W
 
     if args.action == "list":
-        print(f"{'name':<9} {'model':<6} {'acc@1':>6} {'acc@5':>6} {'params':>10} {'resize':>6} "
-              f"{'crop':>4}  {'file':<32} on disk")
+        print(f"{'name':<16} {'model':<10} {'acc@1':>6} {'acc@5':>6} {'params':>10} "
+              f"{'resize':>6} {'crop':>4}  {'file':<40} on disk")
         for e in W.REGISTRY.values():
-            print(f"{e.name:<9} {e.arch:<6} {e.acc1:6.3f} {e.acc5:6.3f} {e.num_params:>10,} "
-                  f"{e.resize_size:>6} {e.crop_size:>4}  {e.file_name:<32} "
+            model = f"{e.arch} int8" if e.quantized else e.arch
+            print(f"{e.name:<16} {model:<10} {e.acc1:6.3f} {e.acc5:6.3f} {e.num_params:>10,} "
+                  f"{e.resize_size:>6} {e.crop_size:>4}  {e.file_name:<40} "
                   f"{W.status(e) or '-'}")
         print("aliases: " + ", ".join(f"{a} -> {n}" for a, n in W.ALIASES.items())
-              + "; defaults: " + ", ".join(f"--model {m}: {n}" for m, n in W.DEFAULTS.items()))
+              + "; defaults: " + ", ".join(f"--model {m}: {n}" for m, n in W.DEFAULTS.items())
+              + ", " + ", ".join(f"--quantized --model {m}: {n}"
+                                 for m, n in W.QUANTIZED_DEFAULTS.items()))
         print(f"weights directory: {W.weights_dir()} (NPMNV3_HOME)")
         print(f"torch hub cache:   {W.torch_hub_dir()} (reused when the file is there)")
         return 0
     entry = W.get(args.name)
     if args.action == "path":
-        path = W.weights_dir() / entry.npz_name
+        path = W.weights_dir() / (entry.file_name if entry.quantized else entry.npz_name)
         if not path.is_file():              # nothing on stdout: $(npmnv3 weights path) is ""
             print(f"npmnv3 weights: {entry.name} is not downloaded yet ({path} does not exist):"
                   f" npmnv3 weights fetch {entry.name}", file=sys.stderr)
@@ -251,8 +257,10 @@ def cmd_weights(args) -> int:
         print(path)
         return 0
     path, origin = W.fetch(entry.name, progress=True, with_origin=True)
-    how = {"npz": "already there", "pth": f"converted from {entry.file_name}",
-           "torch hub cache": f"converted from torch hub's {W.torch_hub_dir() / entry.file_name}",
+    use = "read from" if entry.quantized else "converted from"   # int8 weights stay a .pth
+    how = {"npz": "already there",
+           "pth": "already there" if entry.quantized else f"converted from {entry.file_name}",
+           "torch hub cache": f"{use} torch hub's {W.torch_hub_dir() / entry.file_name}",
            "download": f"downloaded {entry.url()}"}[origin]
     print(f"{entry.name}: {path} ({how}; sha256 {entry.sha256_prefix}... verified)")
     return 0
@@ -275,7 +283,7 @@ def cmd_classify(args) -> int:
         results = ({"image": p, "error": e} for p, e in items)
         clf = None
     else:
-        clf = load_classifier(args.model, args.weights, progress=True)
+        clf = load_classifier(args.model, args.weights, quantized=args.quantized, progress=True)
         results = iter_results(clf, items, topk=args.topk, batch_size=args.batch_size,
                                exif_transpose=not args.no_exif)
     screen = shutil.get_terminal_size().lines

@@ -1,0 +1,273 @@
+"""Steps 3 and 4 of the engine: fused step kernels, and the two ways to spread them over threads.
+
+**Fusion** (per step, one image, a range of output rows or pixels). An inverted residual block
+
+    y = project(SE(act(dw(act(expand(x)))))) [+ x]
+
+runs band by band: the expansion rows a band of depthwise output rows reads are computed by one
+GEMM into a small scratch (``F_R`` output rows; the rows shared with the next band are kept, not
+recomputed), the depthwise conv reads them while they are in cache and writes its output with
+bias + activation applied and the SE squeeze summed in the same pass. Without SE the projection
+GEMM (+ bias + residual) follows on the same band; with SE it waits for the gate (it needs the
+whole image's mean) and runs on the scaled rows afterwards: the excitation is folded into the
+projection's input band. Nothing but the block's output and the depthwise output is ever
+materialised, and buffers are preallocated (``Workspace``), so no page is touched twice.
+
+**Threading.** All parallelism is here, in Numba (OpenMP) loops; BLAS runs single-threaded
+inside them (``npmnv3.kernels.threads``), so two pools never spin against each other.
+``forward_images`` gives whole images to threads (batch >= threads: no synchronisation inside
+the network, each thread's buffers stay in its cache); ``forward_bands`` splits every step of
+one image into row (or pixel) ranges, one per thread (batch 1), with the SE gate in between.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ..kernels.nhwc import (
+    conv_rows,
+    depthwise_rows,
+    linear_rows,
+    pointwise,
+    scale_channels,
+    se_gate,
+)
+from .plan import (
+    BLOCK,
+    CONV1,
+    F_ACT,
+    F_B1,
+    F_B2,
+    F_BD,
+    F_BE,
+    F_BP,
+    F_CEXP,
+    F_CIN,
+    F_COUT,
+    F_D,
+    F_EXPAND,
+    F_H,
+    F_HO,
+    F_K,
+    F_KIND,
+    F_P,
+    F_R,
+    F_RES,
+    F_S,
+    F_SE,
+    F_SQ,
+    F_W,
+    F_W1,
+    F_W2,
+    F_WD,
+    F_WE,
+    F_WO,
+    F_WP,
+    STEM,
+)
+
+
+@njit(cache=True, inline="always")
+def mat(buf, off, r, c):
+    """The (r, c) C-order matrix stored at ``buf[off:]``."""
+    return buf[off:off + r * c].reshape(r, c)
+
+
+@njit(cache=True, inline="always")
+def geometry(t):
+    return (t[F_H], t[F_W], t[F_HO], t[F_WO], t[F_K], t[F_S], t[F_P], t[F_D])
+
+
+@njit(cache=True)
+def stem_rows(t, wb, xn, y, acc, kc, o0, o1):
+    """Stem conv of image xn (3, H, W) NCHW into y (Ho*Wo*K) NHWC, output rows [o0, o1)."""
+    K = t[F_COUT]
+    w = mat(wb, t[F_WE], xn.shape[0] * t[F_K] * t[F_K], K)
+    Wo = t[F_WO]
+    conv_rows(xn, w, wb[t[F_BE]:t[F_BE] + K], geometry(t), t[F_ACT], kc, o0, o1, acc,
+              y[:t[F_HO] * Wo * K].reshape(t[F_HO], Wo, K))
+
+
+@njit(cache=True)
+def block_front(t, wb, x, y, D, E, acc, pool, kc, o0, o1):
+    """Expand + depthwise (+ SE squeeze into ``pool``) for output rows [o0, o1); without SE
+    the projection too, band by band, into y. x, y, D, E: flat per-image buffers."""
+    H, W, Wo = t[F_H], t[F_W], t[F_WO]
+    k, s, p, d = t[F_K], t[F_S], t[F_P], t[F_D]
+    cin, ce, cout, act = t[F_CIN], t[F_CEXP], t[F_COUT], t[F_ACT]
+    geom = geometry(t)
+    wd = mat(wb, t[F_WD], k * k, ce)
+    bd = wb[t[F_BD]:t[F_BD] + ce]
+    we = mat(wb, t[F_WE], cin, ce)
+    be = wb[t[F_BE]:t[F_BE] + ce]
+    wp = mat(wb, t[F_WP], ce, cout)
+    bp = wb[t[F_BP]:t[F_BP] + cout]
+    X = x[:H * W * cin].reshape(H * W, cin)
+    fuse = t[F_SE] == 0
+    D3 = D[:t[F_HO] * Wo * ce].reshape(t[F_HO], Wo, ce)
+    have_lo, have_hi = 0, 0                       # input rows held in E: [have_lo, have_hi)
+    for b0 in range(o0, o1, t[F_R]):
+        b1 = min(o1, b0 + t[F_R])
+        src, lo = x, 0
+        if t[F_EXPAND]:
+            lo = max(0, b0 * s - p)
+            hi = min(H, (b1 - 1) * s - p + (k - 1) * d + 1)
+            start = lo
+            if have_lo <= lo < have_hi:           # keep the rows the last band expanded
+                n = (have_hi - lo) * W * ce
+                shift = (lo - have_lo) * W * ce
+                for q in range(n):
+                    E[q] = E[shift + q]
+                start = have_hi
+            if hi > start:
+                Eb = E[(start - lo) * W * ce:(hi - lo) * W * ce].reshape((hi - start) * W, ce)
+                pointwise(X[start * W:hi * W], we, be, act, kc, Eb, Eb[:0])
+            have_lo, have_hi = lo, hi
+            src = E
+        rows = have_hi - lo if t[F_EXPAND] else H
+        depthwise_rows(src[:rows * W * ce].reshape(rows, W, ce), lo, wd, bd, geom, act, kc, b0,
+                       b1, acc[:Wo * ce].reshape(Wo, ce), D3, pool)
+        if fuse:
+            Db = D[b0 * Wo * ce:b1 * Wo * ce].reshape((b1 - b0) * Wo, ce)
+            Y = y[b0 * Wo * cout:b1 * Wo * cout].reshape((b1 - b0) * Wo, cout)
+            res = X[b0 * Wo:b1 * Wo] if t[F_RES] else X[:0]
+            pointwise(Db, wp, bp, 0, kc, Y, res)
+
+
+@njit(cache=True)
+def block_gate(t, wb, pool, kc, h, g):
+    """The SE gate g (C,) of a block from its depthwise output's channel sums."""
+    ce, sq = t[F_CEXP], t[F_SQ]
+    se_gate(pool[:ce], t[F_HO] * t[F_WO], mat(wb, t[F_W1], sq, ce), wb[t[F_B1]:t[F_B1] + sq],
+            mat(wb, t[F_W2], ce, sq), wb[t[F_B2]:t[F_B2] + ce], kc, h[:sq], g[:ce])
+
+
+@njit(cache=True)
+def block_back(t, wb, x, y, D, g, kc, q0, q1):
+    """SE blocks, pixels [q0, q1): y = (D * g) @ Wp + bp [+ x]."""
+    ce, cout = t[F_CEXP], t[F_COUT]
+    Db = D[q0 * ce:q1 * ce].reshape(q1 - q0, ce)
+    scale_channels(Db, g[:ce])
+    Y = y[q0 * cout:q1 * cout].reshape(q1 - q0, cout)
+    X = x[q0 * cout:q1 * cout].reshape(q1 - q0, cout)
+    pointwise(Db, mat(wb, t[F_WP], ce, cout), wb[t[F_BP]:t[F_BP] + cout], 0, kc, Y,
+              X if t[F_RES] else X[:0])
+
+
+@njit(cache=True)
+def conv1_pixels(t, wb, x, y, pool, kc, q0, q1):
+    """The last 1x1 conv + act for pixels [q0, q1), its channel sums added to ``pool``."""
+    cin, cout = t[F_CIN], t[F_COUT]
+    Y = y[q0 * cout:q1 * cout].reshape(q1 - q0, cout)
+    pointwise(x[q0 * cin:q1 * cin].reshape(q1 - q0, cin), mat(wb, t[F_WP], cin, cout),
+              wb[t[F_BP]:t[F_BP] + cout], t[F_ACT], kc, Y, Y[:0])
+    for q in range(q1 - q0):
+        for c in range(cout):
+            pool[c] += Y[q, c]
+
+
+# ----------------------------------------------------------------------------- drivers
+#
+# One parallel loop in the whole engine (``forward``): a list of phases, each run by T tasks
+# (one per thread). Phases: IMAGES (task c runs whole images), or per step FRONT (rows / pixels
+# [cn/T, (c+1)n/T) of stem, expand + depthwise [+ projection], last conv), BACK (SE blocks:
+# each task sums the tasks' squeeze partials, computes the gate -- a few us, done twice rather
+# than waiting for one thread -- and projects its pixels), GATE (task 0: the last conv's
+# average pool), RECORD (task 0 copies a step's output for ``trace``), then CLS0 / CLS1 (output
+# rows of the two classifier layers).
+
+IMAGES, FRONT, GATE, BACK, RECORD, CLS0, CLS1 = range(7)
+
+
+@njit(cache=True)
+def fill(a, v):
+    for i in range(a.shape[0]):
+        a[i] = v
+
+
+@njit(cache=True)
+def copy(dst, src, n):
+    for i in range(n):
+        dst[i] = src[i]
+
+
+@njit(cache=True)
+def task(ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs, feats, pooled_t,
+         hidden_t, logits_t, n0):
+    """Task c of T of phase ``ph`` (of step i; image n0 in band phases). Every kernel is called
+    from one place only, for the whole-image (IMAGES) and the band phases alike."""
+    act, dw, band, nacc, chan, sq = sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5]
+    s = sc[c]
+    E, acc, h = s[:band], s[band:band + nacc], s[band + nacc:band + nacc + sq]
+    g = s[band + nacc + sq:band + nacc + sq + chan]
+    if ph == IMAGES:
+        wsl = ws[c]
+        n_lo, n_hi, share = c * xs.shape[0] // T, (c + 1) * xs.shape[0] // T, 1
+        j_lo, j_hi = (0, tab.shape[0]) if i < 0 else (i, i + 1)     # all steps, or step i
+    elif ph <= RECORD:
+        wsl = ws[0]
+        n_lo, n_hi, j_lo, j_hi, share = n0, n0 + 1, i, i + 1, T
+    else:
+        w_off, b_off = (fc[0], fc[1]) if ph == CLS0 else (fc[2], fc[3])
+        xt = pooled_t if ph == CLS0 else hidden_t
+        out = hidden_t if ph == CLS0 else logits_t
+        O, I = out.shape[0], xt.shape[0]
+        linear_rows(mat(wb, w_off, O, I), xt, wb[b_off:b_off + O], 2 if ph == CLS0 else 0, kc,
+                    c * O // T, (c + 1) * O // T, out)
+        return
+    a0, a1, D = wsl[:act], wsl[act:2 * act], wsl[2 * act:2 * act + dw]
+    pool = pools[c]
+    for n in range(n_lo, n_hi):
+        for j in range(j_lo, j_hi):
+            t = tab[j]
+            x, y = (a1, a0) if j % 2 == 0 else (a0, a1)
+            kind, se = t[F_KIND], t[F_SE]
+            rows = t[F_HO] * t[F_WO] if kind == CONV1 else t[F_HO]
+            pixels = t[F_HO] * t[F_WO]
+            size = pixels * t[F_COUT]
+            whole = ph == IMAGES
+            part = np.int64(0) if whole else np.int64(c)   # this task's share of the step
+            if whole or ph == FRONT:
+                lo, hi = part * rows // share, (part + 1) * rows // share
+                fill(pool, 0.0)                     # this task's SE / pool partial sums
+                if kind == STEM:
+                    stem_rows(t, wb, xs[n], y, acc, kc, lo, hi)
+                elif kind == BLOCK:
+                    block_front(t, wb, x, y, D, E, acc, pool if se else pool[:0], kc, lo, hi)
+                else:
+                    conv1_pixels(t, wb, x, y, pool, kc, lo, hi)
+            if whole or (ph == GATE and c == 0):    # the last conv's average pool
+                if not whole:
+                    for k in range(1, T):
+                        for q in range(pools.shape[1]):
+                            pools[0, q] += pools[k, q]
+                if kind == BLOCK and se:
+                    block_gate(t, wb, pool, kc, h, g)
+                elif kind == CONV1:
+                    copy(feats[n], y, feats.shape[1])
+                    for q in range(t[F_COUT]):
+                        pooled_t[q, n] = pool[q] / pixels
+            if (whole or ph == BACK) and kind == BLOCK and se:
+                if not whole:                       # every task sums the partials itself and
+                    tot = pools[T + c]              # computes the gate: no serial phase
+                    fill(tot, 0.0)
+                    for k in range(T):
+                        for q in range(pools.shape[1]):
+                            tot[q] += pools[k, q]
+                    block_gate(t, wb, tot, kc, h, g)
+                block_back(t, wb, x, y, D, g, kc, part * pixels // share,
+                           (part + 1) * pixels // share)
+            if trace.shape[0] and (whole or ph == RECORD and c == 0):
+                copy(trace[toffs[j] + n * size:], y, size)
+
+
+@njit(cache=True, parallel=True)
+def forward(phases, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs, feats,
+            pooled_t, hidden_t, logits_t, n0):
+    """Run ``phases`` (M, 2): (phase, step) rows, each as T parallel tasks."""
+    for m in range(phases.shape[0]):
+        ph, i = phases[m, 0], phases[m, 1]
+        for c in prange(T):
+            task(ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs, feats,
+                 pooled_t, hidden_t, logits_t, n0)

@@ -1,0 +1,201 @@
+"""Channels-last (NHWC) inference kernels on row bands: the loops of the eval engine.
+
+Legend: one image at a time, pixels row-major and channels innermost: an activation of C
+channels on an H x W grid is a flat array ``a[(i * W + j) * C + c]`` (or its (H*W, C) view).
+``[o0, o1)`` is a range of *output rows*: a kernel computes only those rows, so the engine can
+hand row bands to threads, or run a 1x1 expansion and the depthwise conv that reads it band by
+band while the band is in cache. ``kc`` = ``epilogue.consts`` packed in an array (0, 3, 6) of the
+data's dtype; ``act`` an ``epilogue.ACT_CODES`` code. A conv's geometry is the tuple
+``geom = (H, W, Ho, Wo, k, s, p, d)`` (input size, output size, kernel, stride, padding,
+dilation), the meaning torch gives them.
+
+Every loop keeps the channel index innermost over contiguous memory, so LLVM vectorises it (8
+float32 lanes with AVX2) whatever the kernel size; padding is handled by clipping each tap's
+range of output columns instead of materialising a padded copy. Batch norm is already folded
+into the weights and biases (``npmnv3/engine/plan.py``), so every conv is ``act(conv + b)``.
+These are public entry points: ``npmnv3.engine`` calls them from its Numba drivers and the
+tests call them directly against the NCHW reference kernels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .epilogue import HARDSIGMOID, apply_act
+
+
+@njit(cache=True, inline="always")
+def col_range(off, s, W, Wo):
+    """Output columns j whose tap input column j*s + off lies inside [0, W): (jlo, jhi)."""
+    jlo = 0 if off >= 0 else (-off + s - 1) // s
+    jhi = min(Wo, (W - 1 - off) // s + 1)
+    return jlo, max(jlo, jhi)
+
+
+@njit(cache=True)
+def bias_act(y, b, act, kc):
+    """In place, y (P, C): y = act(y + b[c]). The branch on ``act`` sits outside the loops so
+    each loop is specialised (and vectorised) for one activation."""
+    z, three, six = kc[0], kc[1], kc[2]
+    P, C = y.shape
+    if act == 1:
+        for q in range(P):
+            for c in range(C):
+                y[q, c] = apply_act(y[q, c] + b[c], 1, z, three, six)
+    elif act == 2:
+        for q in range(P):
+            for c in range(C):
+                y[q, c] = apply_act(y[q, c] + b[c], 2, z, three, six)
+    else:
+        for q in range(P):
+            for c in range(C):
+                y[q, c] = y[q, c] + b[c]
+
+
+@njit(cache=True)
+def pointwise(x, w, b, act, kc, out, res):
+    """1x1 conv of P pixels: out (P, K) = act(x (P, C) @ w (C, K) + b), then + res (P, K) if
+    ``res`` is not empty (the residual add: only after the linear projection, act 0).
+
+    One single-threaded sgemm (BLAS through SciPy's cython_blas) then the epilogue on the rows
+    just written, while they are in cache.
+    """
+    np.dot(x, w, out)
+    bias_act(out, b, act, kc)
+    if res.shape[0]:
+        P, K = out.shape
+        for q in range(P):
+            for c in range(K):
+                out[q, c] += res[q, c]
+
+
+@njit(cache=True)
+def depthwise_rows(src, lo, w, b, geom, act, kc, o0, o1, acc, out, pool):
+    """Depthwise conv, output rows [o0, o1): out[i, j, c] = act(b[c] + sum_{u,v} w[u*k+v, c]
+    * x[i*s - p + u*d, j*s - p + v*d, c]), zero outside the image.
+
+    src (rows, W, C): input rows [lo, lo + rows) (the whole image with lo = 0, or a band of an
+    expansion); w (k*k, C); out (Ho, Wo, C); acc (Wo, C) scratch; pool (float64, C): receives
+    the sum of every output value per channel (SE's squeeze) when it is not empty. The channel
+    loop indexes with a ``range`` variable only, so no negative-index check blocks LLVM's
+    vectoriser.
+    """
+    H, W, Ho, Wo, k, s, p, d = geom
+    C = w.shape[1]
+    z, three, six = kc[0], kc[1], kc[2]
+    for i in range(o0, o1):
+        for j in range(Wo):
+            for c in range(C):
+                acc[j, c] = b[c]
+        for u in range(k):
+            ii = i * s - p + u * d
+            if ii < 0 or ii >= H:
+                continue
+            row = src[ii - lo]                              # (W, C)
+            for v in range(k):
+                off = v * d - p
+                jlo, jhi = col_range(off, s, W, Wo)
+                wt = w[u * k + v]
+                if C == 16:                     # the first blocks: a constant trip count
+                    for j in range(jlo, jhi):
+                        a = acc[j]
+                        xv = row[j * s + off]
+                        for c in range(16):
+                            a[c] += wt[c] * xv[c]
+                else:
+                    for j in range(jlo, jhi):
+                        a = acc[j]
+                        xv = row[j * s + off]
+                        for c in range(C):
+                            a[c] += wt[c] * xv[c]
+        o = out[i]
+        for j in range(Wo):
+            for c in range(C):
+                o[j, c] = apply_act(acc[j, c], act, z, three, six)
+        if pool.shape[0]:
+            for j in range(Wo):
+                for c in range(C):
+                    pool[c] += o[j, c]
+
+
+@njit(cache=True)
+def conv_rows(x, w, b, geom, act, kc, o0, o1, cols, out):
+    """Dense conv of a few-channel NCHW image (the 3-channel stem) into NHWC, rows [o0, o1).
+
+    x (C, H, W) one image; w (C*k*k, K) with row (c*k + u)*k + v; out (Ho, Wo, K). By bands
+    of rows that fit the scratch ``cols`` (flat): im2col transposed, colsT (C*k*k, rows*Wo),
+    one contiguous strided copy per tap and row (zeros outside the image), then one GEMM
+    out_band (rows*Wo, K) = colsT.T @ w and the epilogue on the band while it is in cache.
+    """
+    H, W, Ho, Wo, k, s, p, d = geom
+    C = x.shape[0]
+    CKK, K = w.shape
+    R = max(1, cols.shape[0] // (CKK * Wo))
+    z = kc[0]
+    for r0 in range(o0, o1, R):
+        r1 = min(o1, r0 + R)
+        L = (r1 - r0) * Wo
+        ct = cols[:CKK * L].reshape(CKK, L)
+        for c in range(C):
+            for u in range(k):
+                for v in range(k):
+                    row = ct[(c * k + u) * k + v]
+                    off = v * d - p
+                    jlo, jhi = col_range(off, s, W, Wo)
+                    for i in range(r0, r1):
+                        ii = i * s - p + u * d
+                        seg = row[(i - r0) * Wo:(i - r0 + 1) * Wo]
+                        if ii < 0 or ii >= H:
+                            for j in range(Wo):
+                                seg[j] = z
+                            continue
+                        xr = x[c, ii]
+                        for j in range(jlo):
+                            seg[j] = z
+                        for j in range(jlo, jhi):
+                            seg[j] = xr[j * s + off]
+                        for j in range(jhi, Wo):
+                            seg[j] = z
+        band = out[r0:r1].reshape(L, K)
+        np.dot(ct.T, w, band)
+        bias_act(band, b, act, kc)
+
+
+@njit(cache=True)
+def scale_channels(y, g):
+    """In place, y (P, C) *= g (C): the SE excitation applied to a band of pixels."""
+    P, C = y.shape
+    for q in range(P):
+        for c in range(C):
+            y[q, c] *= g[c]
+
+
+@njit(cache=True)
+def se_gate(pool, count, w1, b1, w2, b2, kc, h, g):
+    """SE excitation from the channel sums ``pool`` (float64, C) of ``count`` pixels:
+    g = hardsigmoid(w2 @ relu(w1 @ mean + b1) + b2); w1 (S, C), w2 (C, S); h (S,) scratch."""
+    z, three, six = kc[0], kc[1], kc[2]
+    C = g.shape[0]
+    for c in range(C):
+        g[c] = pool[c] / count                     # the mean, in the data's dtype
+    S = h.shape[0]
+    np.dot(w1, g.reshape(C, 1), h.reshape(S, 1))  # matrix x (C, 1): the one GEMM signature
+    for q in range(S):
+        h[q] = apply_act(h[q] + b1[q], 1, z, three, six)
+    np.dot(w2, h.reshape(S, 1), g.reshape(C, 1))
+    for c in range(C):
+        g[c] = apply_act(g[c] + b2[c], HARDSIGMOID, z, three, six)
+
+
+@njit(cache=True)
+def linear_rows(w, xt, b, act, kc, r0, r1, out):
+    """Rows [r0, r1) of a linear layer for a batch stored feature-major: out (O, N) =
+    act(w (O, I) @ xt (I, N) + b). Splitting O between threads splits the weights, which
+    dominate the traffic at batch 1."""
+    np.dot(w[r0:r1], xt, out[r0:r1])
+    z, three, six = kc[0], kc[1], kc[2]
+    N = out.shape[1]
+    for o in range(r0, r1):
+        for n in range(N):
+            out[o, n] = apply_act(out[o, n] + b[o], act, z, three, six)
