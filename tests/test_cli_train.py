@@ -170,3 +170,108 @@ def test_loss_curve_is_log_scale_or_clipped():
     assert loss_ax.get_yscale() == "linear"
     assert loss_ax.get_ylim()[1] == pytest.approx(3 * np.median([2.3, 1.1, 0.4, 0.0, 2.2, 95.0,
                                                                  0.5, 0.3]))
+
+
+def test_val_split_epoch_speed_and_best_checkpoint(tmp_path, capsys):
+    """--val-split holds out a stratified fraction; each epoch's line gives its time and
+    images/s; best.npz is written with validation data and named in the last line."""
+    data = folder(tmp_path / "data")
+    run = tmp_path / "run"
+    code, out, err = train(capsys, *TINY, "--data", data, "--out", run, "--input-size", "32",
+                           "--epochs", "2", "--val-split", "0.25")
+    assert code == 0, err
+    assert "3 classes, 9 training images, 3 validation images" in out
+    h = npmnv3.load_checkpoint(run / "checkpoint.npz")["meta"]["history"]
+    assert h["train_images"] == [8, 8]                 # 9 images, batch 4: the last 1 dropped
+    for i in range(2):
+        speed = h["train_images"][i] / h["train_seconds"][i]
+        assert (f"epoch {i + 1}: " in out and f", {h['train_seconds'][i]:.1f} s ({speed:.1f} "
+                f"img/s) + {h['val_seconds'][i]:.1f} s validation" in out), out
+    best = max(range(2), key=lambda i: (h["val_acc"][i], -i))
+    assert out.splitlines()[-1].endswith(f"(2 epochs; best.npz: epoch {best + 1}, val acc "
+                                         f"{h['val_acc'][best]:.4f})")
+    w = read_weights(run / "best.npz")
+    assert w.classes == ("cat", "dog", "owl") and w.preprocessing["crop_size"] == 32
+    # A val/ folder is the validation set: --val-split beside it is refused, not ignored.
+    (data / "val" / "cat").mkdir(parents=True)
+    code, _, err = train(capsys, *TINY, "--data", data, "--out", tmp_path / "r2",
+                         "--val-split", "0.5")
+    assert code == 2 and "argument --val-split: " in err and "has a val/ folder" in err
+    code, _, err = train(capsys, *TINY, "--data", folder(tmp_path / "few", per_class=1),
+                         "--out", tmp_path / "r3", "--val-split", "0.2")
+    assert code == 1 and err.count("\n") == 1
+    assert "--val-split 0.2 leaves no validation image (3 images in 3 classes)" in err, err
+
+
+def test_best_npz_holds_the_epoch_of_the_highest_validation_accuracy(tmp_path, monkeypatch):
+    """fit keeps best.npz at the epoch of the highest validation accuracy (the earliest of a
+    tie), model.npz at the last; the weights are that epoch's, bit for bit."""
+    import npmnv3.train.loop as loop
+
+    scripted = iter([0.5, 0.8, 0.8, 0.3])             # epoch 2 ties epoch 3: 2 is kept
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: (1.0, next(scripted)))
+    rng = np.random.default_rng(0)
+    ds = npmnv3.ArrayDataset(rng.standard_normal((8, 3, 32, 32)).astype(np.float32),
+                             np.arange(8) % 3)
+    model = npmnv3.mobilenet_v3_small(width_mult=0.25, num_classes=3, seed=0)
+    states = []
+    h = npmnv3.fit(model, ds, ds, epochs=4, batch_size=4, out_dir=tmp_path, progress=False,
+                   callback=lambda e, h: states.append(
+                       {k: v.copy() for k, v in model.state_dict().items()}))
+    assert loop.best_epoch(h) == 2
+    best, last = (read_weights(tmp_path / f).state_dict for f in ("best.npz", "model.npz"))
+    for k in states[1]:
+        np.testing.assert_array_equal(best[k], states[1][k], err_msg=k)
+        np.testing.assert_array_equal(last[k], states[3][k], err_msg=k)
+    assert any(not np.array_equal(states[1][k], states[3][k]) for k in states[1])
+    assert loop.best_epoch({"epoch": [1, 2], "val_acc": [None, None]}) is None
+
+
+def test_the_progress_bar_counts_images(monkeypatch):
+    """The epoch bar's unit is the image and it reaches its total, so tqdm shows the epoch's
+    elapsed time and images/s."""
+    import tqdm
+
+    bars = []
+
+    class Bar:
+        def __init__(self, **kw):
+            self.kw, self.n = kw, 0
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            self.n += n
+
+        def set_postfix(self, **kw):
+            pass
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    ds = npmnv3.ArrayDataset(np.zeros((9, 3, 32, 32), np.float32), np.arange(9) % 3)
+    model = npmnv3.mobilenet_v3_small(width_mult=0.25, num_classes=3, seed=0)
+    h = npmnv3.fit(model, ds, epochs=1, batch_size=4, progress=True)
+    (bar,) = bars
+    assert bar.kw["unit"] == "img" and bar.kw["total"] == bar.n == h["train_images"][0] == 8
+
+
+def test_the_same_seed_trains_the_same_weights(tmp_path, capsys):
+    """--seed fixes initialisation, split, order, augmentation and dropout."""
+    data = folder(tmp_path / "data")
+    runs = {}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        assert train(capsys, *TINY, "--data", data, "--out", tmp_path / name, "--input-size",
+                     "32", "--epochs", "2", "--val-split", "0.25", "--seed", seed)[0] == 0
+        ck = npmnv3.load_checkpoint(tmp_path / name / "checkpoint.npz")
+        runs[name] = ck["model"], ck["meta"]["history"]
+    (wa, ha), (wb, hb), (wc, hc) = runs["a"], runs["b"], runs["c"]
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+    for key in ("train_loss", "val_loss", "val_acc"):
+        assert ha[key] == hb[key], key
+    assert ha["train_loss"] != hc["train_loss"]
+    assert any(not np.array_equal(wa[k], wc[k]) for k in wa)

@@ -174,27 +174,41 @@ def test_selfcheck_stops_after_the_rows_it_printed():
     assert out[0].startswith("ok ")
 
 
-def test_train_names_the_run_folder_and_resume_only_with_a_checkpoint(tmp_path):
+def test_train_stops_early_resumably_and_names_the_run_folder(tmp_path, capsys):
+    """Ctrl-C after an epoch: that epoch's checkpoint, model, best model and curves stay, the
+    line says how to continue, and --resume does continue from it."""
     data = images(tmp_path / "data", 12, classes=("a", "b", "c"))
     out = tmp_path / "run"
     argv = ["train", "--model", "small", "--width-mult", "0.25", "--data", data, "--out", out,
-            "--input-size", "32", "--batch-size", "4", "--epochs", "50", "--val-fraction", "0",
+            "--input-size", "32", "--batch-size", "4", "--epochs", "50", "--val-split", "0.25",
             "--no-progress"]
     code, lines, err = interrupt(argv, "epoch 1:")
     assert code == 130
     ck = out / "checkpoint.npz"
     epoch = int(err.split("after epoch ")[1].split(":")[0])
-    assert_one_line(err, f"npmnv3 train: interrupted after epoch {epoch}: {ck} holds it; "
+    h = npmnv3.load_checkpoint(ck)["meta"]["history"]
+    assert h["epoch"][-1] == epoch
+    best = max(range(epoch), key=lambda i: (h["val_acc"][i], -i))
+    assert_one_line(err, f"npmnv3 train: interrupted after epoch {epoch}: {ck} holds it "
+                         f"(best.npz: epoch {best + 1}, val acc {h['val_acc'][best]:.4f}); "
                          f"continue with npmnv3 train --resume {ck}")
     assert lines[-1].startswith(f"epoch {epoch}:")                       # printed as it ended
-    assert npmnv3.load_checkpoint(ck)["meta"]["epoch"] == epoch
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "model.npz"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.npz", "checkpoint.npz", "curves.png",
+                                                     "model.npz"]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from npmnv3.cli import main
+    assert main(["train", "--resume", ck, "--epochs", epoch + 1, "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert f"resuming after epoch {epoch} of {epoch + 1}" in text and f"epoch {epoch + 1}:" in text
+    again = npmnv3.load_checkpoint(ck)["meta"]
+    assert again["epoch"] == epoch + 1 and again["history"]["val_acc"][:epoch] == h["val_acc"]
     # Interrupted before an epoch ends: nothing written, and no --resume advice.
     setup = (SLOW + "import npmnv3.train.loop as L\n"
              "def _slow(*a):\n    print('training', flush=True)\n    time.sleep(60)\n"
              "L._train_epoch = _slow\n")
     fresh = tmp_path / "fresh"
     argv[argv.index(out)] = fresh
+    argv[argv.index("--val-split") + 1] = "0"
     code, _, err = interrupt(argv, "training", setup=setup)
     assert code == 130
     assert_one_line(err, f"npmnv3 train: interrupted before the first epoch ended: nothing was "

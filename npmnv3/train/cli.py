@@ -1,9 +1,13 @@
 """``npmnv3 train``: train or fine-tune a MobileNetV3 on an image folder from the command line.
 
 A run folder (``--out``) holds ``checkpoint.npz`` (after every epoch: weights, optimizer state,
-generator state, history, and every option of this command), ``model.npz`` (the weights with
-class names and preprocessing, for ``npmnv3 classify``/``evaluate --weights``) and
-``curves.png``. ``--resume OUT/checkpoint.npz`` alone continues the run with the options it was
+generator state, history, and every option of this command), ``model.npz`` (the last epoch's
+weights with class names and preprocessing, for ``npmnv3 classify``/``evaluate --weights``),
+``best.npz`` (with validation data: the epoch of the highest validation accuracy) and
+``curves.png``. Ctrl-C stops the run early: the finished epochs' files stay (curves.png
+included) and ``--resume`` continues from the last one. ``--seed`` fixes every random choice
+(initialisation, validation split, order, augmentation, dropout): the same command trains the
+same weights. ``--resume OUT/checkpoint.npz`` alone continues the run with the options it was
 started with (model, input size, optimizer, schedule, data folder, ...); ``--epochs N`` makes
 the run longer (the cosine schedule is then spread over the new total from the epoch reached).
 An option given with ``--resume`` must agree with the checkpoint's, except ``--epochs``,
@@ -36,10 +40,10 @@ RUN_DEFAULTS = {
     "weights": None, "freeze_backbone": False, "batch_size": 32, "optimizer": "sgd",
     "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-5, "label_smoothing": 0.0,
     "scheduler": "cosine", "bn_momentum": 0.1, "input_size": 224, "resize_size": None,
-    "min_scale": 0.08, "no_hflip": False, "val_fraction": 0.1, "dtype": "float32", "seed": 0,
+    "min_scale": 0.08, "no_hflip": False, "val_split": 0.1, "dtype": "float32", "seed": 0,
 }
 FREE_DEFAULTS = {"epochs": 10, "data": None, "out": None}     # may change on --resume
-RUN_FILES = ("checkpoint.npz", "model.npz")
+RUN_FILES = ("checkpoint.npz", "model.npz", "best.npz")
 
 
 def register(sub) -> None:
@@ -50,15 +54,15 @@ def register(sub) -> None:
     p.set_defaults(run=cmd_train, parser=p, uses_kernels=True)
     defaults = {**RUN_DEFAULTS, **FREE_DEFAULTS}
 
-    def a(flag, help, **kw):      # every option defaults to None: given or not is then known
+    def a(flag, help, *aliases, **kw):   # every option defaults to None: given or not is known
         d = defaults.get(flag.lstrip("-").replace("-", "_"))
         shown = "" if d is None or d is False else f" (default: {d})"
-        p.add_argument(flag, help=help + shown, default=None, **kw)
+        p.add_argument(flag, *aliases, help=help + shown, default=None, **kw)
 
     a("--data", "class folders; or train/ and val/ holding them; a val/ beside the class "
       "folders is the validation set (with --resume: the run's)", metavar="DIR")
-    a("--out", "the run folder: checkpoint.npz, model.npz, curves.png (with --resume: the "
-      "checkpoint's folder)", metavar="DIR")
+    a("--out", "the run folder: checkpoint.npz, model.npz (last epoch), best.npz (best "
+      "validation accuracy), curves.png (with --resume: the checkpoint's folder)", metavar="DIR")
     a("--resume", "continue the run of this checkpoint.npz with its options", metavar="FILE")
     a("--overwrite", "replace the run in --out (otherwise refused)", action="store_true")
     a("--model", "default: what --weights holds", choices=("large", "small"))
@@ -90,10 +94,12 @@ def register(sub) -> None:
     a("--min-scale", "RandomResizedCrop's smallest area fraction", type=open_fraction,
       metavar="A")
     a("--no-hflip", "no random horizontal flips", action="store_true")
-    a("--val-fraction", "held out per class when there is no val/ folder (0: no validation)",
+    a("--val-split", "fraction of each class held out for validation when --data has no val/ "
+      "folder (0: no validation; --val-fraction is the same option)", "--val-fraction",
       type=fraction, metavar="F")
     a("--dtype", "model precision", choices=("float32", "float64"))
-    a("--seed", "initialisation, split, order, augmentation, dropout", type=nonnegative_int)
+    a("--seed", "every random choice: initialisation, validation split, order, augmentation, "
+      "dropout (the same seed trains the same weights)", type=nonnegative_int)
     a("--no-progress", "no progress bars (an epoch's line is printed when it ends either way)",
       action="store_true")
 
@@ -114,7 +120,10 @@ def _checkpoint_meta(path) -> dict:
 def _recorded(meta: dict) -> dict:
     """The run options a checkpoint recorded (older checkpoints: what their meta tells)."""
     if "train_args" in meta:
-        return {**RUN_DEFAULTS, **meta["train_args"]}
+        rec = dict(meta["train_args"])
+        if "val_fraction" in rec:                   # its name before --val-split
+            rec["val_split"] = rec.pop("val_fraction")
+        return {**RUN_DEFAULTS, **rec}
     cfg, prep = meta.get("config", {}), meta.get("preprocessing") or {}
     rec = {k: cfg[k] for k in ("batch_size", "optimizer", "lr", "momentum", "weight_decay",
                                "label_smoothing", "freeze_backbone", "scheduler",
@@ -215,17 +224,31 @@ def _skipped(train, val) -> list:
 
 
 def epoch_line(h: dict, i: int) -> str:
+    """One epoch's line: learning rate, losses and accuracies, its time and images/s."""
     val = ("" if h["val_loss"][i] is None else
            f", val loss {h['val_loss'][i]:.4f} acc {h['val_acc'][i]:.4f}")
+    secs, n = h["train_seconds"][i], h["train_images"][i]
+    speed = f" ({n / secs:.1f} img/s)" if n and secs > 0 else ""
+    val_secs = "" if h["val_loss"][i] is None else f" + {h['val_seconds'][i]:.1f} s validation"
     return (f"epoch {h['epoch'][i]}: lr {h['lr'][i]:.4g}, train loss {h['train_loss'][i]:.4f} "
-            f"acc {h['train_acc'][i]:.4f}{val}, {h['train_seconds'][i]:.1f} s")
+            f"acc {h['train_acc'][i]:.4f}{val}, {secs:.1f} s{speed}{val_secs}")
+
+
+def _best_note(h: dict) -> str:
+    from .loop import best_epoch
+
+    e = best_epoch(h)
+    if e is None:
+        return ""
+    return f"best.npz: epoch {e}, val acc {h['val_acc'][h['epoch'].index(e)]:.4f}"
 
 
 def _interrupt_note(out: Path, state: dict, resume) -> str:
     ck = out / "checkpoint.npz"
     if state["epochs"]:
-        return (f" after epoch {state['epochs'][-1]}: {ck} holds it; continue with npmnv3 "
-                f"train --resume {ck}")
+        best = _best_note(state["history"])
+        return (f" after epoch {state['epochs'][-1]}: {ck} holds it"
+                + (f" ({best})" if best else "") + f"; continue with npmnv3 train --resume {ck}")
     if resume is not None and Path(resume).is_file():
         return f" before an epoch ended: nothing new written; continue with --resume {resume}"
     return f" before the first epoch ended: nothing was written to {out}"
@@ -247,10 +270,19 @@ def cmd_train(args) -> int:
         print(f"{args.resume} has trained {done} of {opts['epochs']} epochs: nothing to train, "
               f"nothing written (give --epochs {done + 5} to train 5 more)")
         return 0
-    train, val = load_folders(opts["data"], size=size, val_fraction=opts["val_fraction"],
-                              seed=opts["seed"], scale=(opts["min_scale"], 1.0),
-                              hflip=0.0 if opts["no_hflip"] else 0.5,
-                              resize_size=opts["resize_size"])
+    if args.val_split is not None and args.resume is None and (Path(opts["data"]) / "val").is_dir():
+        raise UsageError(f"argument --val-split: {opts['data']} has a val/ folder, which is the "
+                         f"validation set; drop --val-split (or move val/ away to split)")
+    try:
+        train, val = load_folders(opts["data"], size=size, val_fraction=opts["val_split"],
+                                  seed=opts["seed"], scale=(opts["min_scale"], 1.0),
+                                  hflip=0.0 if opts["no_hflip"] else 0.5,
+                                  resize_size=opts["resize_size"])
+    except ValueError as e:             # the split's messages, in the option's name
+        if str(e).startswith("val_fraction "):
+            raise ValueError(f"--val-split {str(e)[len('val_fraction '):]}: give a larger "
+                             f"--val-split, or 0 for no validation") from None
+        raise
     if len(train.classes) < 2:
         raise ValueError(f"{opts['data']}: one class folder ({train.classes[0]}): a classifier "
                          f"needs at least 2 classes (one sub-directory per class)")
@@ -262,11 +294,12 @@ def cmd_train(args) -> int:
     print(f"model {model.config.describe()}, {model.num_parameters():,} parameters, "
           f"{'classifier only' if opts['freeze_backbone'] else 'all layers'}"
           + (f"; resuming after epoch {done} of {opts['epochs']}" if done else ""), flush=True)
-    state = {"epochs": []}
+    state = {"epochs": [], "history": None}
     args.on_interrupt = lambda: _interrupt_note(out, state, args.resume)
 
     def each_epoch(epoch, h):
         state["epochs"].append(epoch)
+        state["history"] = h
         print(epoch_line(h, len(h["epoch"]) - 1), flush=True)
 
     c = model.config
@@ -281,8 +314,10 @@ def cmd_train(args) -> int:
             extra_meta={"train_args": record, "data": str(Path(opts["data"]).resolve())})
     _report_skipped(_skipped(train, val)[len(skipped):], "skipped")
     if state["epochs"]:
-        print(f"wrote {out / 'checkpoint.npz'}, {out / 'model.npz'}, {out / 'curves.png'} "
-              f"({len(h['epoch'])} epochs)")
+        best = _best_note(h)
+        print(f"wrote {out / 'checkpoint.npz'}, {out / 'model.npz'}"
+              + (f", {out / 'best.npz'}" if best else "") + f", {out / 'curves.png'} "
+              f"({len(h['epoch'])} epochs" + (f"; {best}" if best else "") + ")")
     return 0
 
 
