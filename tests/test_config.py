@@ -9,7 +9,8 @@ from support import RTOL32, assert_close, randomise, require_torchvision
 import npmnv3
 from npmnv3.nn.arch import make_divisible, preset_spec
 
-# torchvision's _make_divisible on the values MobileNetV3 feeds it (REFERENCE.md 1.2, 1.6).
+# torchvision's _make_divisible on the values MobileNetV3 feeds it
+# (torchvision/models/mobilenetv3.py: InvertedResidualConfig.adjust_channels, the SE widths).
 DIVISIBLE = {(16 * 0.75, 8): 16, (64 * 0.75, 8): 48, (72 // 4, 8): 24, (120 // 4, 8): 32,
              (16 // 4, 8): 8, (240 // 4, 8): 64, (144 // 4, 8): 40, (960 * 0.5, 8): 480,
              (1280 * 0.75, 8): 960, (8 * 0.35, 8): 8, (27, 8): 32, (12, 8): 16}
@@ -131,7 +132,7 @@ def test_derived_rules():
     assert [(b.dw_stride, b.dilation, b.padding) for b in dil.blocks[-3:]] == \
         [(1, 2, 4), (1, 2, 4), (1, 2, 4)]
     assert not dil.blocks[-3].use_residual            # the configured stride 2 still counts
-    assert preset_spec("small", width_mult=0.5).blocks[6].use_residual   # REFERENCE.md 1.5
+    assert preset_spec("small", width_mult=0.5).blocks[6].use_residual   # use_res_connect
     rt = preset_spec("large", reduced_tail=True)
     assert (rt.head_channels, rt.last_channel, rt.blocks[-3].exp) == (480, 640, 672)
     with pytest.raises(ValueError, match="width_mult"):

@@ -36,8 +36,8 @@ from support import (
 import npmnv3
 from npmnv3.tools.gradcheck import rel_error
 
-# Full key / shape / dtype lists written from torchvision (see REFERENCE.md §2.2). They live
-# outside the repository, so the test that reads them skips when they are absent.
+# Full key / shape / dtype lists written from torchvision's ``state_dict()`` of every builder. They
+# live outside the repository, so the test that reads them skips when they are absent.
 REFERENCE_DIR = Path(os.environ.get("NPMNV3_REFERENCE_DIR", "/work/shared/reference"))
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -323,7 +323,7 @@ def test_state_dict_returns_copies():
 
 # ----------------------------------------------------------------------------- counts and keys
 
-PARAM_COUNTS = {          # REFERENCE.md §1.9 (torchvision, [run]); dilation adds no parameters
+PARAM_COUNTS = {          # sum(p.numel()) of torchvision's models; dilation adds no parameters
     "large": 5_483_032, "small": 2_542_856,
     "large-w0.75": 3_377_576, "small-w0.75": 1_653_920,
     "large-w0.5": 1_734_576, "small-w0.5": 917_264,
@@ -504,7 +504,8 @@ def _bn(prefix):
 
 
 def timm_keys():
-    """timm ``mobilenetv3_large_100`` naming (REFERENCE.md §4.1), stages [1,2,3,4,2,3,1]."""
+    """timm ``mobilenetv3_large_100`` naming (timm/models/mobilenetv3.py), stages
+    [1,2,3,4,2,3,1]."""
     keys = ["conv_stem.weight", *_bn("bn1"), "blocks.0.0.conv_dw.weight", *_bn("blocks.0.0.bn1"),
             "blocks.0.0.conv_pw.weight", *_bn("blocks.0.0.bn2")]
     for s, n in enumerate((2, 3, 4, 2, 3), start=1):
@@ -520,8 +521,9 @@ def timm_keys():
 
 
 def mmpretrain_keys():
-    """mmpretrain ``MobileNetV3(arch='large')`` + StackedLinearClsHead (REFERENCE.md §4.2):
-    backbone.layer0 .. layer16, head.layers.{0,1}.fc."""
+    """mmpretrain ``MobileNetV3(arch='large')`` + StackedLinearClsHead
+    (mmpretrain/models/backbones/mobilenet_v3.py): backbone.layer0 .. layer16,
+    head.layers.{0,1}.fc."""
     keys = ["backbone.layer0.conv.weight", *_bn("backbone.layer0.bn")]
     for i in range(1, 16):
         p = f"backbone.layer{i}"
@@ -537,8 +539,8 @@ def mmpretrain_keys():
 
 
 def netspresso_keys():
-    """netspresso-trainer mobilenetv3 backbone + FC head (REFERENCE.md §4.4), stages
-    [3,3,6,3] plus the final conv as stages.3.3."""
+    """netspresso-trainer mobilenetv3 backbone + FC head (netspresso-trainer's
+    mobilenetv3.py), stages [3,3,6,3] plus the final conv as stages.3.3."""
     keys = ["backbone.conv_first.block.conv.weight", *_bn("backbone.conv_first.block.norm")]
     for s, n in enumerate((3, 3, 6, 3)):
         for b in range(n):

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 import npmnv3
-from npmnv3.nn.folded import fold
 from npmnv3.nn.ptq import (
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     affine_qparams,
     calibrate,
+    folded_conv_bn,
     layer_errors,
     symmetric_scales,
 )
@@ -115,7 +115,7 @@ def test_quantize_matches_torch_post_training_quantization(per_channel):
         assert o.qparams() == affine_qparams(o.min_val, o.max_val)
     # the same integer weights, except where W'/s_w sits on a rounding tie
     sd = numpy_state_dict(ref.state_dict())
-    folded = fold(ours_float).folded
+    folded = folded_conv_bn(ours_float)
     for n, c in ours.convs.items():
         w = sd[f"{n}.weight"] if f"{n}.weight" in sd else \
             sd[f"{n}._packed_params._packed_params"][0]

@@ -2,7 +2,7 @@
 and their command lines.
 
 Parameter and MAC counts are torchvision's, measured with ``torch.utils.flop_counter`` (FLOPs / 2,
-conv + linear only; REFERENCE.md §1.9) and written down here, so the summary tests run without
+conv + linear only) and written down here, so the summary tests run without
 torch; one test re-measures them with torch at an odd input size, shape by shape.
 """
 

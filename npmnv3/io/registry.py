@@ -160,7 +160,7 @@ def weights_dir() -> Path:
     """``$NPMNV3_HOME``, else ``weights/`` of a source checkout, else ``~/.cache/npmnv3``."""
     if os.environ.get("NPMNV3_HOME"):
         return Path(os.environ["NPMNV3_HOME"]).expanduser()
-    root = Path(__file__).resolve().parents[2]          # npmnv3/io/weights.py -> checkout
+    root = Path(__file__).resolve().parents[2]          # npmnv3/io/registry.py -> checkout
     try:
         ours = 'name = "npmnv3"' in (root / "pyproject.toml").read_text("utf-8")
     except (OSError, UnicodeDecodeError):

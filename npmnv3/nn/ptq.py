@@ -3,8 +3,9 @@
 ``quantize(model, calibration_images)`` does what torch's eager post-training quantization of
 torchvision's quantizable model does (fuse, prepare, calibrate, convert), written out:
 
-1. fold every batch norm into its convolution (``npmnv3.nn.folded``: W' = W * gamma / sqrt(var +
-   eps), b' = beta - mean * gamma / sqrt(var + eps));
+1. fold every batch norm into its convolution (``folded_conv_bn``: W' = W * gamma / sqrt(var +
+   eps), b' = beta - mean * gamma / sqrt(var + eps), in the model's dtype as torch's
+   ``fuse_conv_bn_weights`` does);
 2. quantize the weights to qint8, symmetric (zero point 0), per output channel by default:
    s_w[k] = max |W'[k]| / 127.5 (torch's ``PerChannelMinMaxObserver``, per_channel_symmetric),
    or one scale for the whole tensor (``per_channel=False``, torch's qnnpack qconfig);
@@ -26,11 +27,27 @@ from __future__ import annotations
 
 import numpy as np
 
-from .folded import fold
 from .modules import ConvBNAct, InvertedResidual, SqueezeExcite
 from .quantized import QConv, QuantizedMobileNetV3
 
 F32_EPS = np.float32(np.finfo(np.float32).eps)     # torch observers' eps
+
+
+def folded_conv_bn(model):
+    """{Conv-BN module name: (W', b')}: every batch norm folded into its convolution, computed
+    in the model's dtype (torch folds in float32 too, ``torch.nn.utils.fusion``)."""
+    p, b, eps = model.params, model.buffers, model.bn_eps
+    folded = {}
+    for m in model.features:
+        for layer in (m.layers if isinstance(m, InvertedResidual) else [m]):
+            if isinstance(layer, ConvBNAct):
+                bn = f"{layer.name}.1"
+                alpha = p[f"{bn}.weight"] / np.sqrt(b[f"{bn}.running_var"] + eps)      # (K,)
+                beta = p[f"{bn}.bias"] - b[f"{bn}.running_mean"] * alpha             # (K,)
+                w = p[f"{layer.name}.0.weight"] * alpha[:, None, None, None]          # (K, C, k, k)
+                folded[layer.name] = (np.ascontiguousarray(w, dtype=model.dtype),
+                                      beta.astype(model.dtype))
+    return folded
 
 
 def affine_qparams(min_val, max_val, qmin=0, qmax=255, eps=F32_EPS):
@@ -159,7 +176,7 @@ def quantize(model, calibration_images, *, observer="minmax", per_channel=True, 
     """
     obs = calibrate(model, calibration_images, observer=observer, batch_size=batch_size,
                     averaging_constant=averaging_constant)
-    folded = fold(model).folded                         # {ConvBNAct name: (W', b')}
+    folded = folded_conv_bn(model)                     # {ConvBNAct name: (W', b')}
     p = model.params
     q = QuantizedMobileNetV3(model.config, impl=impl)
     for u in q.units:

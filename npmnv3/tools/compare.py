@@ -214,16 +214,11 @@ def torchvision_model(config, state_dict=None, *, dtype="float32", seed: int = 0
     builder = getattr(torchvision.models, f"mobilenet_v3_{c.arch}")
     tv = builder(width_mult=c.width_mult, reduced_tail=c.reduced_tail, dilated=c.dilated,
                  num_classes=c.num_classes, dropout=c.dropout)
-    with torch.no_grad():
-        if state_dict is not None:
+    if state_dict is not None:
+        with torch.no_grad():
             tv.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()})
-        else:
-            for m in tv.modules():
-                if isinstance(m, torch.nn.BatchNorm2d):
-                    m.weight.copy_(torch.rand_like(m.weight) + 0.5)
-                    m.bias.copy_(torch.rand_like(m.bias) - 0.5)
-                    m.running_mean.copy_(torch.rand_like(m.running_mean) - 0.5)
-                    m.running_var.copy_(torch.rand_like(m.running_var) + 0.5)
+    else:
+        randomise(torch, tv, seed)
     if bn_eps is not None:
         for m in tv.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
