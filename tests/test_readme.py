@@ -2,7 +2,8 @@
 
 Each block runs in a fresh namespace, in a temporary directory holding what the snippets name:
 ``mobilenet_v3_large-5c1a4163.pth`` (a checkpoint torchvision writes, random weights: the
-official file cannot be downloaded here), ``photo.jpg`` (a shipped photo), ``data/`` (a tiny
+official file cannot be downloaded here), ``quantized.pth`` (torchvision's quantized
+MobileNetV3-Large state_dict, converted after a short calibration), ``photo.jpg`` (a shipped photo), ``data/`` (a tiny
 image folder: train/ and val/, two classes); ``x`` is an input batch. Nothing is downloaded.
 """
 
@@ -35,6 +36,9 @@ def workdir(tmp_path, monkeypatch):
     torch.manual_seed(0)
     torch.save(torchvision.models.mobilenet_v3_large().state_dict(),
                tmp_path / "mobilenet_v3_large-5c1a4163.pth")
+    from npmnv3.tools.qcompare import torchvision_quantized
+    torch.save(torchvision_quantized("large", image_size=64, batches=1, batch_size=2).state_dict(),
+               tmp_path / "quantized.pth")
     shutil.copy(REPO / "tests" / "data" / "coffee.jpg", tmp_path / "photo.jpg")
     rng = np.random.default_rng(0)
     for split, n in (("train", 3), ("val", 1)):
@@ -57,7 +61,7 @@ def test_readme_python_blocks_run(workdir):
     for i, code in enumerate(blocks, 1):
         exec(compile(code, f"README.md python block {i}", "exec"), {"x": x.copy()})
     # What the snippets promise to leave behind.
-    assert sorted(p.name for p in (workdir / "run").iterdir()) == ["checkpoint.npz",
+    assert sorted(p.name for p in (workdir / "run").iterdir()) == ["best.npz", "checkpoint.npz",
                                                                     "curves.png", "model.npz"]
     with Image.open(workdir / "cam.png") as im:
         assert im.size == (224, 224)
