@@ -431,6 +431,16 @@ def test_quantized_weights_fetched_verified_and_classified(server, qentry, qat_c
     want = np.argsort(-probs, kind="stable")[:5]
     assert [t["index"] for t in top] == want.tolist()
     np.testing.assert_allclose([t["prob"] for t in top], probs[want], rtol=1e-12)
+    # evaluate runs the same int8 model (WordNet-id folders: torchvision's class indices)
+    import shutil
+    for wnid in ("n01440764", "n01443537"):
+        (tmp_path / "val" / wnid).mkdir(parents=True)
+        shutil.copy(image, tmp_path / "val" / wnid / "coffee.jpg")
+    assert main(["evaluate", tmp_path / "val", "--weights", "test-qsmall", "--json",
+                 "--per-image", "--workers", "0", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "quantized mobilenet_v3_small(width_mult=0.5)"
+    assert [p["top"] for p in report["predictions"]] == [want.tolist()] * 2
     assert len(server.hits) == 1                                   # verified, not re-fetched
     flip_byte(pth, len(data) // 2)
     assert main(["classify", str(image), "--quantized", "--weights", "test-qsmall"]) == 1
@@ -451,6 +461,18 @@ def test_quantized_list_and_refusals(capsys, tmp_path, checkpoint):
     float_pth.write_bytes(checkpoint[0])
     with pytest.raises(ValueError, match="float MobileNetV3 state_dict"):
         load_classifier(weights=float_pth, quantized=True)
+    import npmnv3
+    from npmnv3.io.load import save_weights
+    from npmnv3.tools.classify import resolve_weights
+    npz = tmp_path / "model.npz"                       # npmnv3 train's output: float weights
+    save_weights(npz, npmnv3.mobilenet_v3_small(width_mult=0.25, num_classes=2))
+    with pytest.raises(ValueError, match=r"model.npz: an .npz of float weights, not int8 ones: "
+                                         r"--quantized takes a quantized or QAT-prepared .pth"):
+        load_classifier(weights=npz, quantized=True)
+    # Every other --weights (compare, evaluate, train) says where int8 weights go, unfetched.
+    with pytest.raises(ValueError, match="large-qnnpack-v1 are int8 weights for the quantized "
+                                         "model: use them with npmnv3 classify --quantized"):
+        resolve_weights("large-qnnpack-v1")
 
 
 def test_int8_checkpoints_given_to_the_float_model_say_so(qat_checkpoint, tmp_path, capsys):

@@ -124,6 +124,11 @@ def _quantized_classifier(model, weights, base_url, progress) -> Classifier:
         entry = W.entry_for_file(path.name)
         if entry is not None:
             W.verify_file(path, entry)
+    if path.suffix.lower() == ".npz" or has_meta(path):     # an .npz holds float arrays
+        raise ValueError(f"{path}: an .npz of float weights, not int8 ones: --quantized takes "
+                         f"a quantized or QAT-prepared .pth (torch.save(model.state_dict())); "
+                         f"drop --quantized to use it, or quantize a float model with "
+                         f"npmnv3.quantize(model, images)")
     qmodel = quantized_from_state_dict(load_pth(path))
     if model is not None and qmodel.config.arch != model:
         raise ValueError(f"--model {model} given, but {source} holds quantized "

@@ -236,7 +236,7 @@ def evaluate_folder(root, classifier, *, class_index=None, batch_size: int = 32,
                         on_error(samples[s + i][0], e)
             if x is not None:
                 t = time.perf_counter()
-                logits = model(x.astype(model.dtype, copy=False))
+                logits = model(x.astype(getattr(model, "dtype", np.float32), copy=False))
                 infer_s += time.perf_counter() - t
                 rows = s + np.asarray(ok)
                 top[rows] = np.argsort(-logits, axis=1, kind="stable")[:, :k]
@@ -245,6 +245,12 @@ def evaluate_folder(root, classifier, *, class_index=None, batch_size: int = 32,
     seconds = time.perf_counter() - t0
     return _report(root, classifier, samples, folders, index, how, labels, top, read,
                    unreadable, seconds, infer_s, workers, batch_size, per_image)
+
+
+def _describe(model) -> str:
+    """"MobileNetV3-Large ..." (prefixed "quantized" for the int8 model)."""
+    q = type(model).__name__.startswith("Quantized")
+    return ("quantized " if q else "") + model.config.describe()
 
 
 def _report(root, clf, samples, folders, index, how, labels, top, read, unreadable, seconds,
@@ -263,7 +269,7 @@ def _report(root, clf, samples, folders, index, how, labels, top, read, unreadab
                         "top1": float(hit1[m].mean()) if c else None,
                         "top5": float(hit5[m].mean()) if c else None}
     report = {
-        "data": str(root), "weights": clf.source, "model": clf.model.config.describe(),
+        "data": str(root), "weights": clf.source, "model": _describe(clf.model),
         "preprocessing": clf.preprocessing, "class_mapping": how,
         "images": len(samples), "evaluated": n, "unreadable": len(unreadable),
         "unreadable_files": unreadable, "classes": len(folders), "topk": top.shape[1],
@@ -327,6 +333,9 @@ def register(sub) -> None:
                    help="default: what --weights holds, else large")
     p.add_argument("--weights", metavar="NAME|FILE", help="registry name (default large-v2 / "
                    "small-v1, fetched if needed), a .pth or an npmnv3 .npz")
+    p.add_argument("--quantized", action="store_true",
+                   help="the int8 model: torchvision's quantized weights (large-qnnpack-v1, "
+                        "fetched if needed), or --weights FILE of a quantized/QAT .pth")
     p.add_argument("--class-index", metavar="FILE", help="folder -> class index: JSON "
                    "{folder: index}, imagenet_class_index.json, or one folder name per line")
     p.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
@@ -345,7 +354,8 @@ def cmd_evaluate(args) -> int:
     from .classify import load_classifier
 
     found = find_samples(args.data)             # before fetching weights: a typo costs nothing
-    clf = load_classifier(args.model, args.weights, progress=not args.no_progress)
+    clf = load_classifier(args.model, args.weights, quantized=args.quantized,
+                          progress=not args.no_progress)
 
     def on_error(path, msg):
         print(f"npmnv3 evaluate: {path}: {msg}", file=sys.stderr)
