@@ -93,6 +93,11 @@ def test_a_run_folder_is_never_overwritten_silently(tmp_path, capsys):
     assert code == 1 and "holds a training run already" in err            # another run's
     assert train(capsys, *base, "--out", run, "--overwrite", "--seed", "3")[0] == 0
     assert (run / "checkpoint.npz").read_bytes() != before
+    # A run with validation leaves best.npz; one started afresh without leaves none of it.
+    assert train(capsys, *base[:-1], "0.34", "--out", run, "--overwrite")[0] == 0
+    assert (run / "best.npz").is_file()
+    assert train(capsys, *base, "--out", run, "--overwrite")[0] == 0
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.npz", "curves.png", "model.npz"]
 
 
 def test_resume_alone_keeps_the_options_and_extends_the_schedule(tmp_path, capsys):

@@ -254,10 +254,13 @@ def fit(model, train_data, val_data=None, *, epochs, batch_size=32, optimizer="s
                                     classes=classes, preprocessing=prep, extra=extra_meta)
                     save_weights(out / "model.npz", model, classes=classes,
                                  preprocessing=prep, source_name="npmnv3 train")
-                    if best_epoch(history) == epoch + 1:
+                    best = best_epoch(history)
+                    if best == epoch + 1:
                         save_weights(out / "best.npz", model, classes=classes,
                                      preprocessing=prep, source_name="npmnv3 train",
                                      extra={"epoch": epoch + 1, "val_acc": row["val_acc"]})
+                    elif best is None:          # no validation: no best.npz of another run
+                        (out / "best.npz").unlink(missing_ok=True)
                 if callback is not None and callback(epoch + 1, history):
                     break
     except KeyboardInterrupt:           # stopped early: the finished epochs' curves, then out
