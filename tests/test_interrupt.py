@@ -204,12 +204,14 @@ def test_train_stops_early_resumably_and_names_the_run_folder(tmp_path, capsys):
     assert again["epoch"] == epoch + 1 and again["history"]["val_acc"][:epoch] == h["val_acc"]
     # Interrupted before an epoch ends: nothing written, and no --resume advice.
     setup = (SLOW + "import npmnv3.train.loop as L\n"
-             "def _slow(*a):\n    print('training', flush=True)\n    time.sleep(60)\n"
+             "def _slow(*a):\n    print('first epoch started', flush=True)\n"
+             "    time.sleep(60)\n"
              "L._train_epoch = _slow\n")
     fresh = tmp_path / "fresh"
     argv[argv.index(out)] = fresh
     argv[argv.index("--val-split") + 1] = "0"
-    code, _, err = interrupt(argv, "training", setup=setup)
+    code, _, err = interrupt(argv, "first epoch started", setup=setup)   # not "... training
+                                                                         # images": too early
     assert code == 130
     assert_one_line(err, f"npmnv3 train: interrupted before the first epoch ended: nothing was "
                          f"written to {fresh}")

@@ -261,6 +261,8 @@ def cmd_train(args) -> int:
     opts, meta = resolve_options(args)
     out = Path(opts["out"])
     _check_out(out, args)
+    state = {"epochs": [], "history": None}      # what Ctrl-C's line reports, from here on
+    args.on_interrupt = lambda: _interrupt_note(out, state, args.resume)
     size = opts["input_size"]
     if opts["resize_size"] is not None and opts["resize_size"] < size:
         raise UsageError(f"argument --resize-size: {opts['resize_size']} is smaller than the "
@@ -294,8 +296,6 @@ def cmd_train(args) -> int:
     print(f"model {model.config.describe()}, {model.num_parameters():,} parameters, "
           f"{'classifier only' if opts['freeze_backbone'] else 'all layers'}"
           + (f"; resuming after epoch {done} of {opts['epochs']}" if done else ""), flush=True)
-    state = {"epochs": [], "history": None}
-    args.on_interrupt = lambda: _interrupt_note(out, state, args.resume)
 
     def each_epoch(epoch, h):
         state["epochs"].append(epoch)
