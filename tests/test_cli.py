@@ -133,6 +133,15 @@ def test_input_errors_exit_1_with_one_line(tmp_path, capsys):
         assert err.startswith(f"npmnv3 {argv[0]}: error: ") and message in err, err
 
 
+def test_topk_beyond_the_models_classes_is_a_usage_error(tiny_npz, capsys):
+    code, out, err = run(capsys, "classify", PHOTO, "--weights", tiny_npz, "--topk", "4")
+    assert code == 2 and out == "" and err.startswith("usage: npmnv3 classify"), err
+    assert err.splitlines()[-1] == (f"npmnv3 classify: error: argument --topk: 4 is more than "
+                                    f"the 3 classes of {tiny_npz}")
+    code, out, _ = run(capsys, "classify", PHOTO, "--weights", tiny_npz, "--topk", "3")
+    assert code == 0 and len(out.splitlines()) == 4             # the path, then 3 classes
+
+
 def test_summary_takes_a_config_and_allocates_no_weights(capsys):
     """--width-mult 100 would need 55 GB of weights: summary only does the arithmetic."""
     tracemalloc.start()

@@ -375,7 +375,9 @@ def test_cli_errors_are_one_line_exit_1_usage_errors_exit_2(tmp_path, capsys):
              (["--model", "small", "--resize-size", "30"], "argument --resize-size: 30 is "
                                                            "smaller than the crop --input-size 32"),
              (["--model", "small", "--label-smoothing", "2"], "argument --label-smoothing: "
-                                                              "must be between 0 and 1")]
+                                                              "must be between 0 and 1"),
+             (["--model", "small", "--batch-size", "1"], "argument --batch-size: must be at "
+                                                         "least 2 (batch norm in train mode")]
     for extra, msg in usage:
         assert main(base + extra) == 2, extra
         err = capsys.readouterr().err

@@ -284,6 +284,9 @@ def cmd_classify(args) -> int:
         clf = None
     else:
         clf = load_classifier(args.model, args.weights, quantized=args.quantized, progress=True)
+        if args.topk is not None and args.topk > len(clf.categories):
+            raise UsageError(f"argument --topk: {args.topk} is more than the "
+                             f"{len(clf.categories)} classes of {clf.source}")
         results = iter_results(clf, items, topk=args.topk, batch_size=args.batch_size,
                                exif_transpose=not args.no_exif)
     screen = shutil.get_terminal_size().lines

@@ -263,6 +263,9 @@ def cmd_train(args) -> int:
     _check_out(out, args)
     state = {"epochs": [], "history": None}      # what Ctrl-C's line reports, from here on
     args.on_interrupt = lambda: _interrupt_note(out, state, args.resume)
+    if opts["batch_size"] < 2:
+        raise UsageError(f"argument --batch-size: must be at least 2 (batch norm in train mode "
+                         f"needs 2 images per batch), got {opts['batch_size']}")
     size = opts["input_size"]
     if opts["resize_size"] is not None and opts["resize_size"] < size:
         raise UsageError(f"argument --resize-size: {opts['resize_size']} is smaller than the "
