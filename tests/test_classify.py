@@ -172,7 +172,9 @@ def test_weights_options(tv_small, capsys, tmp_path, monkeypatch):
     code, _, err = run_cli(capsys, PHOTOS[0], "--weights", ckpt, "--topk", 0)
     assert code == 2 and "argument --topk: must be a positive integer, got 0" in err
     code, _, err = run_cli(capsys, PHOTOS[0], "--weights", ckpt, "--topk", 1001)
-    assert code == 1 and "topk must be between 1 and 1000" in err
+    assert code == 2 and f"argument --topk: 1001 is more than the 1000 classes of {ckpt}" in err
+    with pytest.raises(ValueError, match="topk must be between 1 and 1000"):
+        npmnv3.classify(PHOTOS[:1], weights=ckpt, topk=1001)
     # A converted .npz gives the same result as the .pth.
     npz = tmp_path / "random_small.npz"
     npmnv3.convert(ckpt, npz)
