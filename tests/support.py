@@ -89,3 +89,41 @@ def fd_check(name, forward, args, index, analytic, dout, rtol=RTOL_FD, h=1e-6):
     err = rel_error(analytic, num)
     assert err <= rtol, (f"{name}: finite-difference relative error {err:.3e} > {rtol:.0e} "
                         f"(max abs diff {np.abs(analytic - num).max():.3e})")
+
+
+def calibrated_small(photos, path, seed: int = 2):
+    """(torchvision mobilenet_v3_small in eval mode, ``path`` where its state_dict was
+    ``torch.save``d) whose outputs depend on the image and whose top-5 are well separated.
+
+    Random affine batch-norm parameters; running statistics measured on the photos (flipped
+    too) and noise, as a calibration pass would, so that activations stay normalised (with
+    made-up statistics every image gets the same logits). The classifier is drawn with std
+    0.1 / 0.5 and no bias (torchvision's N(0, 0.01) would give nearly uniform probabilities,
+    the top-5 order then decided by noise). Every random number comes from ``seed``.
+    """
+    torchvision = require_torchvision()
+    import torch
+    from PIL import Image
+    from torchvision.models import MobileNet_V3_Small_Weights
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():           # the conv init draws from the global generator:
+        torch.manual_seed(seed)             # seed it too, or the top-5 gaps vary run to run
+        model = torchvision.models.mobilenet_v3_small()
+    transform = MobileNet_V3_Small_Weights.IMAGENET1K_V1.transforms()
+    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in photos])
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(0.5 + torch.rand(c, generator=g))
+                m.bias.copy_(0.1 * torch.randn(c, generator=g))
+                m.momentum = None               # running stats = average over the pass
+                m.reset_running_stats()
+        model.train()
+        model(torch.cat([x, x.flip(3), 0.5 * torch.randn(4, 3, 224, 224, generator=g)]))
+        for lin, std in ((model.classifier[0], 0.1), (model.classifier[3], 0.5)):
+            lin.weight.copy_(std * torch.randn(lin.weight.shape, generator=g))
+            lin.bias.zero_()
+    torch.save(model.state_dict(), path)
+    return model.eval(), path

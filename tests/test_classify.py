@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import require_torchvision
+from support import calibrated_small
 
 import npmnv3
 from npmnv3 import weights as W
@@ -38,41 +38,9 @@ MIN_GAP = 1e-4
 
 @pytest.fixture(scope="module")
 def tv_small(tmp_path_factory):
-    """(torchvision model in eval mode, path of its torch.save'd state_dict).
-
-    Random affine batch-norm parameters; running statistics measured on the photos (flipped
-    too) and noise, as a calibration pass would, so that activations stay normalised and the
-    output depends on the image (with made-up statistics every image gets the same logits).
-    The classifier is drawn with std 0.1 / 0.5 and no bias: a well separated top-5.
-    """
-    torchvision = require_torchvision()
-    import torch
-    from PIL import Image
-    from torchvision.models import MobileNet_V3_Small_Weights
-
-    torch.set_num_threads(2)
-    g = torch.Generator().manual_seed(2)
-    with torch.random.fork_rng():           # the conv init draws from the global generator:
-        torch.manual_seed(2)                # seed it too, or the top-5 gaps vary run to run
-        model = torchvision.models.mobilenet_v3_small()
-    transform = MobileNet_V3_Small_Weights.IMAGENET1K_V1.transforms()
-    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in PHOTOS])
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(0.5 + torch.rand(c, generator=g))
-                m.bias.copy_(0.1 * torch.randn(c, generator=g))
-                m.momentum = None               # running stats = average over the pass
-                m.reset_running_stats()
-        model.train()
-        model(torch.cat([x, x.flip(3), 0.5 * torch.randn(4, 3, 224, 224, generator=g)]))
-        for lin, std in ((model.classifier[0], 0.1), (model.classifier[3], 0.5)):
-            lin.weight.copy_(std * torch.randn(lin.weight.shape, generator=g))
-            lin.bias.zero_()
-    path = tmp_path_factory.mktemp("weights") / "random_small.pth"
-    torch.save(model.state_dict(), path)
-    return model.eval(), path
+    """(torchvision model in eval mode, path of its torch.save'd state_dict): see
+    ``support.calibrated_small``."""
+    return calibrated_small(PHOTOS, tmp_path_factory.mktemp("weights") / "random_small.pth")
 
 
 def torchvision_top5(model, paths, exif: bool):
@@ -173,8 +141,17 @@ def test_bad_inputs_are_reported_and_the_rest_classified(tv_small, tmp_path, cap
     code, out, err = run_cli(capsys, missing, mixed, truncated, tiny, text, "--weights", ckpt,
                              "--json")
     assert code == 1
-    assert [r["image"] for r in json.loads(out)] == [str(mixed / "a_photo.jpg"), str(tiny)]
+    order = [missing, mixed / "a_photo.jpg", mixed / "empty.jpg", mixed / "fake.png",
+             truncated, tiny, text]
+    listed = json.loads(out)                    # every image, failed ones with their error
+    assert [r["image"] for r in listed] == list(map(str, order))
+    assert [sorted(r) for r in listed] == [["error", "image"], ["image", "top"],
+                                           ["error", "image"], ["error", "image"],
+                                           ["error", "image"], ["image", "top"],
+                                           ["error", "image"]]
     failed = [missing, mixed / "empty.jpg", mixed / "fake.png", truncated, text]
+    assert [r["error"] for r in listed if "error" in r] == [
+        ln.split(": ", 2)[2] for ln in err.splitlines()]
     lines = err.splitlines()
     assert len(lines) == len(failed) and "Traceback" not in err, err
     for line, path in zip(lines, failed):                       # input order, dir sorted
@@ -193,7 +170,11 @@ def test_weights_options(tv_small, capsys, tmp_path, monkeypatch):
     code, _, err = run_cli(capsys, PHOTOS[0], "--weights", tmp_path / "nope.pth")
     assert code == 1 and "no such file; --weights takes a .pth/.npz file or one of" in err
     code, _, err = run_cli(capsys, PHOTOS[0], "--weights", ckpt, "--topk", 0)
-    assert code == 1 and "topk must be between 1 and 1000" in err
+    assert code == 2 and "argument --topk: must be a positive integer, got 0" in err
+    code, _, err = run_cli(capsys, PHOTOS[0], "--weights", ckpt, "--topk", 1001)
+    assert code == 2 and f"argument --topk: 1001 is more than the 1000 classes of {ckpt}" in err
+    with pytest.raises(ValueError, match="topk must be between 1 and 1000"):
+        npmnv3.classify(PHOTOS[:1], weights=ckpt, topk=1001)
     # A converted .npz gives the same result as the .pth.
     npz = tmp_path / "random_small.npz"
     npmnv3.convert(ckpt, npz)

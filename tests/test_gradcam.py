@@ -1,5 +1,7 @@
 """Grad-CAM on model.backward vs Grad-CAM computed with torch autograd."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from support import RTOL32, RTOL64, randomise, require_torchvision
@@ -87,3 +89,41 @@ def test_gradcam_leaves_grads_and_overlay_png(tmp_path):
         npmnv3.gradcam(model, x, 0, layer="features.99")
     with pytest.raises(ValueError, match="class_idx"):
         npmnv3.gradcam(model, x, 4)
+
+
+def test_overlay_as_the_readme_shows_it_lands_on_the_pixels_the_network_saw(tmp_path):
+    """``gradcam`` then ``save_overlay(photo, cam, path)`` with the (1, H, W) map: the photo is
+    prepared exactly as the input was (EXIF applied, resize, center crop), for a path, a PIL
+    image, the input tensor itself, or a batch."""
+    from PIL import Image
+
+    from npmnv3.data.preprocess import crop_pixels
+    from npmnv3.tools.gradcam import overlay_pixels
+
+    photo = Path(__file__).resolve().parent / "data" / "chelsea_exif6.jpg"     # EXIF 6
+    model = npmnv3.mobilenet_v3_small(width_mult=0.5, num_classes=4, seed=0).eval()
+    x = npmnv3.preprocess(photo, 73, 64)[None]
+    cam = npmnv3.gradcam(model, x, 1)                                # (1, 64, 64)
+    out = npmnv3.save_overlay(photo, cam, tmp_path / "cam.png")
+    assert out == tmp_path / "cam.png"
+    seen = crop_pixels(photo, 73, 64)                                # what the network saw
+    assert np.array_equal(overlay_pixels(photo, (64, 64)), seen)
+    assert np.array_equal(overlay_pixels(x[0], (64, 64)), seen)     # the tensor, undone
+    with Image.open(photo) as im:
+        assert np.array_equal(overlay_pixels(im, (64, 64)), seen)
+    assert not np.array_equal(seen, crop_pixels(photo, 73, 64, exif_transpose=False))
+    heat = np.asarray(Image.open(out), dtype=np.float64) / 255
+    from matplotlib import colormaps
+    expect = 0.5 * seen / 255 + 0.5 * colormaps["jet"](cam[0])[..., :3]
+    assert np.abs(heat - expect).max() <= 0.5 / 255 + 1e-12
+    # A batch: one overlay per map, from the batch tensor or a list of photos.
+    xs = np.concatenate([x, x[:, :, :, ::-1].copy()])
+    cams = npmnv3.gradcam(model, xs, [1, 2])
+    paths = npmnv3.save_overlay(xs, cams, tmp_path / "cam{i}.png")
+    assert paths == [str(tmp_path / "cam0.png"), str(tmp_path / "cam1.png")]
+    assert npmnv3.save_overlay([photo, photo], cams, [tmp_path / "a.png", tmp_path / "b.png"])
+    with pytest.raises(ValueError, match="2 heat map"):
+        npmnv3.save_overlay(photo, cams, tmp_path / "one.png")
+    with pytest.raises(ValueError, match="preprocessing crops 224"):
+        npmnv3.save_overlay(photo, cam, tmp_path / "c.png",
+                            preprocessing={"resize_size": 256, "crop_size": 224})

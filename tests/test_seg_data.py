@@ -115,10 +115,10 @@ def test_fetch_reuses_torch_hub_and_never_deletes_it(server, seg_entry, tmp_path
     assert (hub / e.file_name).is_file()
 
 
-def test_offline_advice_names_the_segment_command(seg_entry, tmp_path):
+def test_offline_advice_is_classify_s(seg_entry, tmp_path):
     e, _ = seg_entry
-    with pytest.raises(DownloadError, match=r"cannot download .*lraspp_test.* run `npmnv3 "
-                                              r"segment --weights test-seg IMAGE` when online, "
-                                              r"or pass --weights PATH .*\(\.pth\)$"):
+    with pytest.raises(DownloadError, match=r"cannot download .*lraspp_test.*: check the "
+                                              r"connection .* copy lraspp_test.* --weights also "
+                                              r"takes a local .pth file$"):
         W.fetch_segmentation("test-seg", timeout=TIMEOUT)
     assert leftovers(tmp_path / "home") == []

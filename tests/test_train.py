@@ -114,15 +114,16 @@ def test_unreadable_images_are_counted_and_skipped(tmp_path):
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(noise).save(buf, quality=90)
     data = buf.read_bytes()
-    buf.write_bytes(data[: len(data) // 2])      # truncated JPEG: passes verify, fails decoding
+    buf.write_bytes(data[: len(data) // 2])      # truncated JPEG: passes verify(), not decoding
     ds = ImageFolder(root, transform=EvalTransform(16))
-    assert sorted(Path(p).name for p, _ in ds.skipped) == ["cut.png", "garbage.png"]
-    assert len(ds) == 7
+    assert sorted(Path(p).name for p, _ in ds.skipped) == ["cut.png", "garbage.png", "photo.jpg"]
+    assert len(ds) == 6                                           # found at the start
+    (root / "c0" / "1.png").unlink()                              # gone after the scan
     ys = np.concatenate([y for _, y in ds.batches(3)])
-    assert len(ys) == 6 and len(ds.skipped) == 3                 # photo.jpg found on decoding
-    assert any(Path(p).name == "photo.jpg" for p, _ in ds.skipped)
+    assert len(ys) == 5 and len(ds.skipped) == 4                 # found on decoding
+    assert any(Path(p).name == "1.png" for p, _ in ds.skipped)
     list(ds.batches(3))
-    assert len(ds.skipped) == 3                                   # counted once
+    assert len(ds.skipped) == 4                                   # counted once
 
 
 def test_split_and_val_folder(tmp_path):
@@ -354,23 +355,42 @@ def test_cli_trains_writes_checkpoint_and_plot(tmp_path, capsys):
     more = [("3" if a == "2" else a) for a in argv]                     # --epochs 3
     assert main(more + ["--resume", str(out / "checkpoint.npz")]) == 0
     assert load_checkpoint(out / "checkpoint.npz")["meta"]["epoch"] == 3
-    assert main(["--weights", str(out / "model.npz"), "--freeze-backbone"] + argv[4:]) == 0
+    assert main(["--weights", str(out / "model.npz"), "--freeze-backbone", "--out",
+                 str(tmp_path / "run2")] + argv[4:-3]) == 0
 
 
-def test_cli_errors_are_one_line_exit_1(tmp_path, capsys):
+def test_cli_errors_are_one_line_exit_1_usage_errors_exit_2(tmp_path, capsys):
     root = write_folder(tmp_path / "data", per_class=(3, 3))
     base = ["--data", str(root), "--out", str(tmp_path / "o"), "--no-progress",
             "--width-mult", "0.25", "--input-size", "32", "--val-fraction", "0.5"]
-    cases = [([], "--model large|small is needed"),
-             (["--model", "small", "--epochs", "x"], "invalid int value"),
+    usage = [([], "--model large|small is needed"),
+             (["--model", "small", "--epochs", "x"], "argument --epochs: expected a positive "
+                                                     "integer, got 'x'"),
              (["--model", "tiny"], "invalid choice"),
-             (["--model", "small", "--data", str(tmp_path / "nope")], "no such directory"),
+             (["--model", "small", "--momentum", "-1"], "argument --momentum: must be >= 0"),
+             (["--model", "small", "--input-size", "0"], "argument --input-size: must be a "
+                                                         "positive integer, got 0"),
+             (["--model", "small", "--input-size", "-3"], "argument --input-size: must be a "
+                                                          "positive integer, got -3"),
+             (["--model", "small", "--resize-size", "30"], "argument --resize-size: 30 is "
+                                                           "smaller than the crop --input-size 32"),
+             (["--model", "small", "--label-smoothing", "2"], "argument --label-smoothing: "
+                                                              "must be between 0 and 1"),
+             (["--model", "small", "--batch-size", "1"], "argument --batch-size: must be at "
+                                                         "least 2 (batch norm in train mode")]
+    for extra, msg in usage:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("usage: npmnv3 train") and msg in err, err
+        assert "Traceback" not in err and err.splitlines()[-1].startswith(
+            "npmnv3 train: error:"), err
+    wrong = [(["--model", "small", "--data", str(tmp_path / "nope")], "no such directory"),
              (["--model", "small", "--resume", str(tmp_path / "nope.npz")],
               "nope.npz: no such file"),
              (["--model", "small", "--val-fraction", "0.1"], "leaves no validation image"),
              (["--weights", str(tmp_path / "w.npz")], "no such file")]
-    for extra, msg in cases:
-        assert main(base + extra) == 1
+    for extra, msg in wrong:
+        assert main(base + extra) == 1, extra
         err = capsys.readouterr().err
         assert err.startswith("npmnv3 train: error:") and msg in err, err
         assert err.count("\n") == 1, err

@@ -221,7 +221,7 @@ def test_interrupted_transfer_leaves_nothing(server, entry, checkpoint, tmp_path
 
 def test_http_error_names_the_url(server, entry, tmp_path):
     with pytest.raises(W.DownloadError, match=f"cannot download {server.url}/{entry.file_name} "
-                                              r"\(HTTP 404 .*--weights PATH"):
+                                              r"\(HTTP 404 .*also takes a local .pth or .npz"):
         W.fetch("test-small", timeout=TIMEOUT)
     assert leftovers(tmp_path / "home") == []
 
@@ -238,7 +238,9 @@ def test_server_down_one_message_no_traceback(tmp_path):
         assert "Traceback" not in res.stderr and res.stdout == ""
         assert res.stderr.count("\n") == 1, res.stderr                  # one line
         assert f"cannot download {url}/mobilenet_v3_small-047dcff4.pth" in res.stderr
-        assert "npmnv3 weights fetch small-v1" in res.stderr and "--weights PATH" in res.stderr
+        # Advice that fits offline: not "run npmnv3 weights fetch" (that is what failed).
+        assert "weights fetch" not in res.stderr and "check the connection" in res.stderr
+        assert "copy mobilenet_v3_small-047dcff4.pth" in res.stderr and "--weights" in res.stderr
     assert leftovers(tmp_path / "home") == []
 
 
@@ -300,10 +302,8 @@ def test_npz_from_another_source_is_detected_and_removed(entry, checkpoint, tmp_
     assert leftovers(home) == []
 
 
-@pytest.mark.parametrize("where", ["weights dir", "torch hub cache"])
-def test_corrupted_pth_is_detected_on_use_and_removed(server, entry, checkpoint, tmp_path,
-                                                      where):
-    d = tmp_path / "home" if where == "weights dir" else tmp_path / "torch/hub/checkpoints"
+def test_corrupted_pth_is_detected_on_use_and_removed(server, entry, checkpoint, tmp_path):
+    d = tmp_path / "home"
     d.mkdir(parents=True)
     pth = d / entry.file_name
     pth.write_bytes(checkpoint[0])
@@ -313,6 +313,32 @@ def test_corrupted_pth_is_detected_on_use_and_removed(server, entry, checkpoint,
         W.fetch("test-small", timeout=TIMEOUT)
     assert not pth.exists() and server.hits == []
     assert leftovers(tmp_path / "home") == []
+
+
+def test_wrong_hash_in_torch_hub_cache_is_left_alone(server, entry, checkpoint, tmp_path,
+                                                     capsys):
+    """torch hub's cache is not npmnv3's: a bad copy there is ignored with a warning (one line
+    in the CLI) and the file downloaded into npmnv3's directory; the hub file is untouched."""
+    hub = tmp_path / "torch/hub/checkpoints"
+    hub.mkdir(parents=True)
+    bad = hub / entry.file_name
+    bad.write_bytes(checkpoint[0])
+    flip_byte(bad, len(checkpoint[0]) // 2)
+    before = bad.read_bytes()
+    server.files[entry.file_name] = checkpoint[0]
+    with pytest.warns(UserWarning, match="ignoring torch hub's copy: .*sha256 mismatch"):
+        npz = W.fetch("test-small", timeout=TIMEOUT)
+    assert bad.read_bytes() == before and len(server.hits) == 1
+    assert load_npz(npz)[1]["source_sha256"] == checkpoint[1]
+    for name in leftovers(tmp_path / "home"):
+        (tmp_path / "home" / name).unlink()
+    assert main(["weights", "fetch", "test-small"]) == 0
+    out = capsys.readouterr()
+    assert out.err.splitlines() == [f"npmnv3 weights: warning: ignoring torch hub's copy: {bad}: "
+                                    f"sha256 mismatch (expected {entry.sha256_prefix}..., got "
+                                    f"{W.sha256_of(bad)[:16]}...); the file is not the "
+                                    f"official test-small checkpoint"]
+    assert "(downloaded " in out.out and bad.read_bytes() == before
 
 
 def test_official_file_given_by_path_is_verified_but_kept(entry, checkpoint, tmp_path):
@@ -405,6 +431,16 @@ def test_quantized_weights_fetched_verified_and_classified(server, qentry, qat_c
     want = np.argsort(-probs, kind="stable")[:5]
     assert [t["index"] for t in top] == want.tolist()
     np.testing.assert_allclose([t["prob"] for t in top], probs[want], rtol=1e-12)
+    # evaluate runs the same int8 model (WordNet-id folders: torchvision's class indices)
+    import shutil
+    for wnid in ("n01440764", "n01443537"):
+        (tmp_path / "val" / wnid).mkdir(parents=True)
+        shutil.copy(image, tmp_path / "val" / wnid / "coffee.jpg")
+    assert main(["evaluate", tmp_path / "val", "--weights", "test-qsmall", "--json",
+                 "--per-image", "--workers", "0", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "quantized mobilenet_v3_small(width_mult=0.5)"
+    assert [p["top"] for p in report["predictions"]] == [want.tolist()] * 2
     assert len(server.hits) == 1                                   # verified, not re-fetched
     flip_byte(pth, len(data) // 2)
     assert main(["classify", str(image), "--quantized", "--weights", "test-qsmall"]) == 1
@@ -425,6 +461,18 @@ def test_quantized_list_and_refusals(capsys, tmp_path, checkpoint):
     float_pth.write_bytes(checkpoint[0])
     with pytest.raises(ValueError, match="float MobileNetV3 state_dict"):
         load_classifier(weights=float_pth, quantized=True)
+    import npmnv3
+    from npmnv3.io.load import save_weights
+    from npmnv3.tools.classify import resolve_weights
+    npz = tmp_path / "model.npz"                       # npmnv3 train's output: float weights
+    save_weights(npz, npmnv3.mobilenet_v3_small(width_mult=0.25, num_classes=2))
+    with pytest.raises(ValueError, match=r"model.npz: an .npz of float weights, not int8 ones: "
+                                         r"--quantized takes a quantized or QAT-prepared .pth"):
+        load_classifier(weights=npz, quantized=True)
+    # Every other --weights (compare, evaluate, train) says where int8 weights go, unfetched.
+    with pytest.raises(ValueError, match="large-qnnpack-v1 are int8 weights for the quantized "
+                                         "model: use them with npmnv3 classify --quantized"):
+        resolve_weights("large-qnnpack-v1")
 
 
 def test_int8_checkpoints_given_to_the_float_model_say_so(qat_checkpoint, tmp_path, capsys):

@@ -57,8 +57,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "imagenet_preprocessing", "load_image", "normalize",
-           "preprocess", "preprocess_segmentation", "resize_shorter", "to_rgb"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "crop_pixels", "imagenet_preprocessing", "load_image",
+           "normalize", "preprocess", "preprocess_segmentation", "resize_shorter", "to_rgb"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)       # torchvision transforms/_presets.py ImageClassification
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -89,7 +89,8 @@ def load_image(path, exif_transpose: bool = True) -> Image.Image:
     modified; a converted copy is returned). Modes become RGB as described in the module
     docstring. With ``exif_transpose`` (default), an EXIF Orientation tag 2..8 is applied
     (``PIL.ImageOps.exif_transpose``: the pixels are turned the way a photo viewer shows them);
-    with ``exif_transpose=False`` the stored pixel grid is kept.
+    with ``exif_transpose=False`` the stored pixel grid is kept. Either way the returned image
+    carries no orientation tag any more, so ``preprocess`` of it does not turn it (again).
 
     Raises ``ValueError`` naming the file when it does not exist, is a directory, is empty, is not
     an image Pillow can read, is truncated or corrupt, or is larger than twice
@@ -104,10 +105,25 @@ def load_image(path, exif_transpose: bool = True) -> Image.Image:
     if isinstance(path, Image.Image):
         image = _to_8bit(_prepare(path, exif_transpose, in_place=False))
         if image is path and image.mode == "RGB":
-            return image.copy()                         # never hand back the caller's object
+            image = image.copy()                        # never hand back the caller's object
     else:
         image = _to_8bit(_open(path, exif_transpose))
-    return image if image.mode == "RGB" else image.convert("RGB")
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    return _orientation_done(image)
+
+
+def _orientation_done(image: Image.Image) -> Image.Image:
+    """Drop the EXIF orientation of an image ``load_image`` returns: applied or deliberately
+    not, it must not be applied again later (``preprocess(load_image(p, False))`` keeps the
+    stored grid). ``ImageOps.exif_transpose`` drops it the same way when it applies it."""
+    exif = image.getexif()
+    if exif.get(_ORIENTATION, 1) != 1:
+        del exif[_ORIENTATION]
+        image.info["exif"] = exif.tobytes()
+        for key in ("XML:com.adobe.xmp", "xmp"):        # an XMP copy of the tag, if any
+            if key in image.info:
+                del image.info[key]
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -245,6 +261,15 @@ def preprocess(image, resize_size: int = 256, crop_size: int = 224, *, mean=IMAG
     keyword arguments are those of a ``preprocessing`` record (``imagenet_preprocessing``), so
     ``preprocess(image, **weights.preprocessing)`` prepares an image as the weights expect.
     """
+    return normalize(crop_pixels(image, resize_size, crop_size, exif_transpose=exif_transpose),
+                     mean, std)
+
+
+def crop_pixels(image, resize_size: int = 256, crop_size: int = 224, *,
+                exif_transpose: bool = True) -> np.ndarray:
+    """Steps 1 and 2 of ``preprocess``: the uint8 pixels the network sees, (crop, crop, 3) RGB
+    or (crop, crop) gray (``preprocess`` = ``normalize(crop_pixels(...))``). Use it to show an
+    input, or to draw on exactly the pixels a model saw (``npmnv3.save_overlay``)."""
     resize_size = _check_size("resize_size", resize_size)
     crop_size = _check_size("crop_size", crop_size)
     if isinstance(image, Image.Image):
@@ -267,10 +292,7 @@ def preprocess(image, resize_size: int = 256, crop_size: int = 224, *, mean=IMAG
         pixels = np.pad(pixels, pad + [(0, 0)] * (pixels.ndim - 2))
     top = int(round((pixels.shape[0] - crop_size) / 2.0))
     left = int(round((pixels.shape[1] - crop_size) / 2.0))
-    pixels = pixels[top:top + crop_size, left:left + crop_size]
-
-    # 3. To float in [0, 1] and normalise, in float32 as torch does.
-    return normalize(pixels, mean, std)
+    return pixels[top:top + crop_size, left:left + crop_size]
 
 
 def resize_shorter(image: Image.Image, size: int) -> Image.Image:

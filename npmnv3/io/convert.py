@@ -15,7 +15,7 @@ import hashlib
 from pathlib import Path
 
 from .load import read_weights
-from .npz import existing_file, has_meta, write_npz
+from .npz import CHECKPOINT_FORMAT, existing_file, has_meta, read_meta, write_npz
 from .pth import CheckpointError
 
 
@@ -54,7 +54,7 @@ def convert(src, dst, *, arch=None, source=None, bn_eps=None, classes=None,
         raise ValueError(f"{dst}: the destination is the source file")
     if dst.exists() and not overwrite:
         raise ValueError(f"{dst}: exists already (--overwrite to replace it)")
-    if has_meta(src):
+    if has_meta(src) and read_meta(src).get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{src}: already an npmnv3 .npz: nothing to convert")
     if isinstance(arch, str):
         arch = {"arch": arch}

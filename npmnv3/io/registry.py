@@ -9,8 +9,10 @@ and never downloaded again; and only then downloads the ``.pth`` (as
 Unlike torchvision, which checks the SHA-256 prefix in the file name only right after a download,
 the hash of an official file is checked on every use: a ``.pth`` by hashing it, a ``.npz`` by
 the ``source_sha256`` that ``convert`` recorded (each array is also CRC-checked as it is read).
-A file that fails is removed, and the error says so. A download goes to ``<file>.partial`` and is
-renamed into place only once it is complete and its hash matches; on any failure nothing is left.
+A file in npmnv3's own directory that fails is removed, and the error says so; a file in torch
+hub's cache that fails is left alone (it is not npmnv3's) and ignored, with a warning. A
+download goes to ``<file>.partial`` and is renamed into place only once it is complete and its
+hash matches; on any failure nothing is left.
 
 Where files live: ``$NPMNV3_HOME`` if set, else ``weights/`` of a source checkout, else
 ``~/.cache/npmnv3``. The base URL is ``$NPMNV3_WEIGHTS_URL`` or the ``base_url`` argument
@@ -29,6 +31,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -40,9 +43,9 @@ from .npz import read_npz
 from .pth import CheckpointError
 
 __all__ = ["REGISTRY", "ALIASES", "DEFAULTS", "QUANTIZED_DEFAULTS", "WeightsEntry",
-           "WeightsError", "DownloadError",
-           "get", "names", "imagenet_categories", "weights_dir", "torch_hub_dir", "fetch",
-           "load_state_dict", "verify_file", "entry_for_file", "status"]
+           "WeightsError", "DownloadError", "get", "names", "imagenet_categories",
+           "imagenet_wnids", "weights_dir", "torch_hub_dir", "fetch", "load_state_dict",
+           "verify_file", "entry_for_file", "status"]
 
 DEFAULT_BASE_URL = "https://download.pytorch.org/models"
 DEFAULT_TIMEOUT = 30.0      # seconds without a byte from the server before giving up
@@ -64,6 +67,18 @@ def imagenet_categories() -> tuple[str, ...]:
     names = tuple(text.splitlines())
     assert len(names) == 1000, f"imagenet_classes.txt has {len(names)} lines, expected 1000"
     return names
+
+
+@lru_cache(maxsize=1)
+def imagenet_wnids() -> tuple[str, ...]:
+    """The 1000 WordNet ids of ImageNet-1k (``n01440764``, ...) in class-index order: the
+    folder names of ImageNet's train/ and val/ trees, whose sorted order is the class index
+    torchvision's weights use (list from pytorch/vision ``gallery/assets/
+    imagenet_class_index.json``)."""
+    text = (resources.files("npmnv3.data") / "imagenet_wnids.txt").read_text("utf-8")
+    wnids = tuple(text.split())
+    assert len(wnids) == 1000, f"imagenet_wnids.txt has {len(wnids)} ids, expected 1000"
+    return wnids
 
 
 @dataclass(frozen=True)
@@ -198,16 +213,17 @@ def verify_file(path, entry: WeightsEntry, *, remove: bool = False):
 
 
 def _download(url: str, dest: Path, entry, *, timeout: float, progress: bool,
-              fetch_command: str | None = None, local: str = "(.pth) or converted .npz"):
+              local: str = ".pth or .npz"):
     """Stream ``url`` into ``dest.partial`` while hashing it; rename to ``dest`` if complete and
     the hash matches. On any failure the partial file is removed and DownloadError raised.
-    ``fetch_command``: what the offline advice tells to run (default ``npmnv3 weights fetch``)."""
+    ``local``: the files the offline advice says ``--weights`` takes instead."""
     from tqdm.auto import tqdm
 
     partial = dest.with_name(dest.name + ".partial")
-    fetch_command = fetch_command or f"npmnv3 weights fetch {entry.name}"
-    offline = (f"cannot download {url} ({{}}); run `{fetch_command}` when online, or pass "
-               f"--weights PATH with a local torchvision checkpoint {local}")
+    offline = (f"cannot download {url} ({{}}): check the connection (or NPMNV3_WEIGHTS_URL) and "
+               f"try again, or copy {entry.file_name} from a machine that has it (torch hub "
+               f"keeps it in {torch_hub_dir()}) into {dest.parent}; a command with --weights "
+               f"also takes a local {local} file")
     req = urllib.request.Request(url, headers={"User-Agent": "npmnv3"})
     h, done = hashlib.sha256(), 0
     try:
@@ -215,7 +231,8 @@ def _download(url: str, dest: Path, entry, *, timeout: float, progress: bool,
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                      desc=entry.file_name, disable=not progress, file=sys.stderr) as bar:
+                      desc=entry.file_name, disable=None if progress else True,
+                      file=sys.stderr) as bar:
                 while chunk := resp.read(_CHUNK):
                     f.write(chunk)
                     h.update(chunk)
@@ -241,43 +258,62 @@ def _download(url: str, dest: Path, entry, *, timeout: float, progress: bool,
         partial.unlink(missing_ok=True)
 
 
+def _hub_file(entry: WeightsEntry) -> Path | None:
+    """torch hub's copy of ``entry``'s file if it is there and has the right hash. A copy with
+    the wrong hash is torch's (or the user's) file, not npmnv3's: it is left alone, with a
+    warning, and never deleted."""
+    hub = torch_hub_dir() / entry.file_name
+    if not hub.is_file():
+        return None
+    try:
+        verify_file(hub, entry, remove=False)
+    except WeightsError as e:
+        warnings.warn(f"ignoring torch hub's copy: {e}", stacklevel=3)
+        return None
+    return hub
+
+
 def _fetch(name: str, base_url, timeout: float, progress: bool):
-    """(npz path, state_dict, meta) for a registry name, fetching and converting if needed."""
+    """(npz path, state_dict, meta, origin) for a registry name, fetching and converting if
+    needed; origin is where the weights came from: "npz", "pth", "torch hub cache" or
+    "download"."""
     entry = get(name)
     d = weights_dir()
     npz, pth = d / entry.npz_name, d / entry.file_name
     if npz.is_file() and not entry.quantized:
-        return (npz, *verify_file(npz, entry, remove=True))
+        return (npz, *verify_file(npz, entry, remove=True), "npz")
     d.mkdir(parents=True, exist_ok=True)
-    hub = torch_hub_dir() / entry.file_name
     if pth.is_file():
-        src = pth
-    elif hub.is_file():
-        src = hub
+        src, origin = pth, "pth"
+        verify_file(src, entry, remove=True)            # our own file: removed if it is bad
+    elif (hub := _hub_file(entry)) is not None:
+        src, origin = hub, "torch hub cache"
     else:
         _download(entry.url(base_url), pth, entry, timeout=timeout, progress=progress)
-        src = pth
-    verify_file(src, entry, remove=True)
+        src, origin = pth, "download"
     if entry.quantized:            # int8 QAT weights: used as the .pth (npmnv3.nn.qat converts)
-        return src, None, None
+        return src, None, None, origin
     convert(src, npz, arch=entry.arch, preprocessing=entry.preprocessing)
-    return (npz, *verify_file(npz, entry, remove=True))
+    return (npz, *verify_file(npz, entry, remove=True), origin)
 
 
 def fetch(name: str, *, base_url: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-          progress: bool = False) -> Path:
+          progress: bool = False, with_origin: bool = False):
     """Path of the verified ``.npz`` for registry name ``name``, downloading the ``.pth`` and
     converting it if it is not there yet (see the module docstring for the order); for a
     quantized entry, the verified ``.pth`` itself (it is checked on every use). ``progress``
-    shows a tqdm bar on stderr while downloading. Raises ``WeightsError``/``DownloadError``."""
-    return _fetch(name, base_url, timeout, progress)[0]
+    shows a tqdm bar on stderr while downloading. ``with_origin``: return ``(path, origin)``,
+    origin "npz" (was there), "pth" (converted from, or for int8 weights used as, the .pth
+    there), "torch hub cache" or "download". Raises ``WeightsError``/``DownloadError``."""
+    path, _, _, origin = _fetch(name, base_url, timeout, progress)
+    return (path, origin) if with_origin else path
 
 
 def load_state_dict(name: str, *, base_url: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                     progress: bool = False):
     """``(state_dict, meta)`` of the verified weights ``name`` (fetched if needed); a quantized
     entry's is the QAT state_dict of its .pth, meta ``{}``."""
-    path, sd, meta = _fetch(name, base_url, timeout, progress)
+    path, sd, meta, _ = _fetch(name, base_url, timeout, progress)
     if get(name).quantized:
         from .pth import load_pth
         return load_pth(path), {}

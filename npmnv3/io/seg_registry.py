@@ -91,7 +91,7 @@ def fetch_segmentation(name: str, *, base_url: str | None = None,
     elif not path.is_file():
         d.mkdir(parents=True, exist_ok=True)
         _download(entry.url(base_url), path, entry, timeout=timeout, progress=progress,
-                  fetch_command=f"npmnv3 segment --weights {entry.name} IMAGE", local="(.pth)")
+                  local=".pth")
     digest = sha256_of(path)
     if not digest.startswith(entry.sha256_prefix):
         if path != hub:

@@ -22,8 +22,8 @@ from ..io import registry as W
 from ..io.load import read_weights
 from ..io.npz import has_meta, read_meta
 
-__all__ = ["Classifier", "load_classifier", "classify", "find_images", "softmax",
-           "format_results"]
+__all__ = ["Classifier", "load_classifier", "resolve_weights", "classify", "iter_results",
+           "find_images", "softmax", "format_results", "format_result"]
 
 
 @dataclass
@@ -62,18 +62,41 @@ def categories_for(weights) -> tuple[str, ...]:
     return W.imagenet_categories() if n == 1000 else tuple(f"class {i}" for i in range(n))
 
 
-def _from_file(path: Path):
-    """(``Weights``, official entry or None) for a file the user gave. A file named like an
-    official checkpoint (or converted from one) must carry its hash, checked before it is
-    read; being the user's own file, it is not deleted if it does not."""
-    if not path.is_file():
-        raise W.WeightsError(f"{path}: no such file; --weights takes a .pth/.npz file or one of "
-                             f"{', '.join(W.names())}")
-    name = read_meta(path).get("source_name", path.name) if has_meta(path) else path.name
-    entry = W.entry_for_file(str(name))
-    if entry is not None:
-        W.verify_file(path, entry)
-    return read_weights(path), entry
+def resolve_weights(weights, *, model: str | None = None, base_url: str | None = None,
+                    progress: bool = False):
+    """``(Weights, official entry or None, source)`` for what a ``--weights`` option names:
+    a registry name (default, when ``weights`` is None: ``model``'s, else ``large-v2``;
+    fetched if needed) or a file (``read_weights``: .npz, .pth of torchvision and other
+    libraries). A file named like an official checkpoint (or converted from one) must carry
+    its hash, checked before it is read; being the user's own file, it is not deleted if not.
+    ``model`` ("large"/"small"): the weights must be of that model. Every command's
+    ``--weights`` goes through here, so they accept the same files with the same messages."""
+    if model not in (None, "large", "small"):
+        raise ValueError(f"model must be 'large' or 'small', got {model!r}")
+    if weights is None:
+        weights = W.DEFAULTS[model or "large"]
+    if str(weights) in W.names():
+        entry = W.get(str(weights))
+        if entry.quantized:
+            raise ValueError(f"{entry.name} are int8 weights for the quantized model: use them "
+                             f"with npmnv3 classify --quantized (or npmnv3.load_classifier("
+                             f"weights={entry.name!r}))")
+        found = read_weights(W.fetch(entry.name, base_url=base_url, progress=progress))
+        source = entry.name
+    else:
+        path = Path(weights)
+        if not path.exists():
+            raise W.WeightsError(f"{path}: no such file; --weights takes a .pth/.npz file or "
+                                 f"one of {', '.join(W.names())}")
+        name = read_meta(path).get("source_name", path.name) if has_meta(path) else path.name
+        entry = W.entry_for_file(str(name))
+        if entry is not None and path.is_file():
+            W.verify_file(path, entry)
+        found, source = read_weights(path), str(weights)
+    if model is not None and found.config.arch != model:
+        raise ValueError(f"--model {model} given, but {source} holds "
+                         f"{found.config.describe()} weights")
+    return found, entry, source
 
 
 def _quantized_classifier(model, weights, base_url, progress) -> Classifier:
@@ -101,6 +124,11 @@ def _quantized_classifier(model, weights, base_url, progress) -> Classifier:
         entry = W.entry_for_file(path.name)
         if entry is not None:
             W.verify_file(path, entry)
+    if path.suffix.lower() == ".npz" or has_meta(path):     # an .npz holds float arrays
+        raise ValueError(f"{path}: an .npz of float weights, not int8 ones: --quantized takes "
+                         f"a quantized or QAT-prepared .pth (torch.save(model.state_dict())); "
+                         f"drop --quantized to use it, or quantize a float model with "
+                         f"npmnv3.quantize(model, images)")
     qmodel = quantized_from_state_dict(load_pth(path))
     if model is not None and qmodel.config.arch != model:
         raise ValueError(f"--model {model} given, but {source} holds quantized "
@@ -124,18 +152,8 @@ def load_classifier(model: str | None = None, weights: str | os.PathLike | None 
         raise ValueError(f"model must be 'large' or 'small', got {model!r}")
     if quantized or (str(weights) in W.names() and W.get(str(weights)).quantized):
         return _quantized_classifier(model, weights, base_url, progress)
-    if weights is None:
-        weights = W.DEFAULTS[model or "large"]
-    if str(weights) in W.names():
-        entry = W.get(str(weights))
-        found = read_weights(W.fetch(entry.name, base_url=base_url, progress=progress))
-        source = entry.name
-    else:
-        found, entry = _from_file(Path(weights))
-        source = str(weights)
-    if model is not None and found.config.arch != model:
-        raise ValueError(f"--model {model} given, but {source} holds "
-                         f"{found.config.describe()} weights")
+    found, entry, source = resolve_weights(weights, model=model, base_url=base_url,
+                                           progress=progress)
     prep = found.preprocessing or (entry.preprocessing if entry is not None else
                                    imagenet_preprocessing())
     return Classifier(found.model(), categories_for(found), prep, source)
@@ -148,43 +166,72 @@ def _load(path: str, clf: Classifier, exif_transpose: bool):
     try:
         return preprocess(path, exif_transpose=exif_transpose, **clf.preprocessing)
     except (ValueError, OSError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
-        return msg[len(path) + 2:] if msg.startswith(f"{path}: ") else msg
+        return error_text(e, path)
 
 
-def run(clf: Classifier, items, *, topk: int = 5, batch_size: int = 8,
-        exif_transpose: bool = True) -> list[dict]:
-    """Classify ``(path, error)`` items (``find_images``) with ``clf``, in batches."""
-    if not 1 <= topk <= len(clf.categories):
-        raise ValueError(f"topk must be between 1 and {len(clf.categories)}, got {topk}")
+def error_text(e: Exception, path: str) -> str:
+    """An image error as one line, without the path it starts with."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg[len(path) + 2:] if msg.startswith(f"{path}: ") else msg
+
+
+def check_topk(topk, num_classes: int) -> int:
+    """``topk`` (None: ``min(5, num_classes)``) checked against the number of classes."""
+    if topk is None:
+        return min(5, num_classes)
+    if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) \
+            or not 1 <= topk <= num_classes:
+        raise ValueError(f"topk must be between 1 and {num_classes} (the model's classes), "
+                         f"got {topk}")
+    return int(topk)
+
+
+def iter_results(clf: Classifier, items, *, topk: int | None = None, batch_size: int = 8,
+                 exif_transpose: bool = True):
+    """Yield one result per ``(path, error)`` item (``find_images``), in order, each batch's
+    as soon as it is classified (results as ``classify`` describes them)."""
+    topk = check_topk(topk, len(clf.categories))
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    results: list[dict] = [{"image": p, "error": err} for p, err in items]
-    todo = [i for i, (_, err) in enumerate(items) if err is None]
-    for start in range(0, len(todo), batch_size):
-        batch, xs = [], []
-        for i in todo[start:start + batch_size]:
-            x = _load(results[i]["image"], clf, exif_transpose)
-            if isinstance(x, str):
-                results[i]["error"] = x
-            else:
-                batch.append(i)
-                xs.append(x)
-        if xs:
-            for i, top in zip(batch, clf.predict(np.stack(xs), topk)):
-                results[i] = {"image": results[i]["image"], "top": top}
-    return results
+    pending: list[dict] = []                 # results in order; an image's "top" filled later
+    batch, xs = [], []
+    for path, err in items:
+        if err is None:
+            x = _load(path, clf, exif_transpose)
+            err = x if isinstance(x, str) else None
+        pending.append({"image": path, "error": err} if err else {"image": path})
+        if err is None:
+            batch.append(pending[-1])
+            xs.append(x)
+        if len(xs) == batch_size:
+            for r, top in zip(batch, clf.predict(np.stack(xs), topk)):
+                r["top"] = top
+            batch, xs = [], []
+        while pending and ("top" in pending[0] or "error" in pending[0]):
+            yield pending.pop(0)
+    if xs:
+        for r, top in zip(batch, clf.predict(np.stack(xs), topk)):
+            r["top"] = top
+    yield from pending
 
 
-def classify(paths, model: str | None = None, weights=None, topk: int = 5, *,
+def run(clf: Classifier, items, *, topk: int | None = None, batch_size: int = 8,
+        exif_transpose: bool = True) -> list[dict]:
+    """Classify ``(path, error)`` items (``find_images``) with ``clf``, in batches."""
+    return list(iter_results(clf, items, topk=topk, batch_size=batch_size,
+                             exif_transpose=exif_transpose))
+
+
+def classify(paths, model: str | None = None, weights=None, topk: int | None = None, *,
              batch_size: int = 8, exif_transpose: bool = True, base_url: str | None = None,
              progress: bool = False, quantized: bool = False) -> list[dict]:
     """Classify image files and directories (walked, sorted, by image extension).
 
     Returns one dict per image, in order: ``{"image": path, "top": [{"index", "label",
-    "prob"}, ...]}`` (``topk`` entries, most probable first), or ``{"image": path, "error":
-    message}`` for a file that could not be read. ``model``/``weights``/``quantized`` as
-    in ``load_classifier``; the weights are loaded only if there is an image to classify.
+    "prob"}, ...]}`` (``topk`` entries, default ``min(5, classes)``, most probable first), or
+    ``{"image": path, "error": message}`` for a file that could not be read. ``model``/
+    ``weights``/``quantized`` as in ``load_classifier``; the weights are loaded only if there
+    is an image to classify.
     """
     items = find_images([paths] if isinstance(paths, (str, os.PathLike)) else paths)
     if all(err is not None for _, err in items):
@@ -194,11 +241,15 @@ def classify(paths, model: str | None = None, weights=None, topk: int = 5, *,
     return run(clf, items, topk=topk, batch_size=batch_size, exif_transpose=exif_transpose)
 
 
+def format_result(r: dict) -> str:
+    """One image's result as text: its path, then one ``prob  label (index)`` line per class
+    ("" for an image that could not be read)."""
+    if "top" not in r:
+        return ""
+    return "\n".join([r["image"]] + [f"  {t['prob']:.4f}  {t['label']} ({t['index']})"
+                                     for t in r["top"]])
+
+
 def format_results(results: list[dict]) -> str:
     """Human-readable text: per image its path, then one ``prob  label (index)`` line per class."""
-    lines = []
-    for r in results:
-        if "top" in r:
-            lines.append(r["image"])
-            lines += [f"  {t['prob']:.4f}  {t['label']} ({t['index']})" for t in r["top"]]
-    return "\n".join(lines)
+    return "\n".join(t for t in map(format_result, results) if t)

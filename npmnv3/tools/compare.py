@@ -198,11 +198,12 @@ def random_input(seed: int = 0, size: int = 224) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((1, 3, size, size)).astype(np.float32)
 
 
-def torchvision_model(config, state_dict=None, *, dtype="float32", seed: int = 0):
+def torchvision_model(config, state_dict=None, *, dtype="float32", seed: int = 0,
+                      bn_eps: float | None = None):
     """torchvision's model for ``config`` (a ``MobileNetV3Config`` or dict of builder
     arguments): with ``state_dict`` (numpy arrays) loaded strictly, else randomly initialised
     with randomised batch-norm parameters and statistics (all-ones/zeros would hide batch-norm
-    mistakes)."""
+    mistakes). ``bn_eps``: batch norm's eps if not torchvision's 1e-3 (timm's weights: 1e-5)."""
     import torch
     import torchvision
 
@@ -218,6 +219,10 @@ def torchvision_model(config, state_dict=None, *, dtype="float32", seed: int = 0
             tv.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()})
     else:
         randomise(torch, tv, seed)
+    if bn_eps is not None:
+        for m in tv.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eps = bn_eps
     tv = tv.to(getattr(torch, dtype)).eval()
     return tv
 

@@ -54,20 +54,75 @@ def gradcam(model, x, class_idx, layer: str | None = None, *, resize: bool = Tru
     return cam.astype(model.dtype)
 
 
-def save_overlay(image, cam: np.ndarray, path, *, alpha: float = 0.5, cmap: str = "jet"):
-    """Blend a heat map (H, W) in [0, 1] over an RGB image (PIL image, path, or (H, W, 3)
-    uint8 array) and save it as PNG. The image is resized to the heat map's size."""
+def overlay_pixels(image, size, *, preprocessing=None, exif_transpose=True) -> np.ndarray:
+    """The uint8 RGB pixels (H, W, 3) a model saw, for drawing a (H, W) heat map on them.
+
+    ``image``: the network input itself (a float (3, H, W) array normalised with
+    ``preprocessing``'s mean/std, e.g. ``x[i]``), uint8 pixels (H, W, 3) of exactly that size,
+    or the original photo (a path, ``PIL.Image`` or uint8 array of another size), which is
+    resized and center-cropped as ``preprocessing`` says (default: torchvision's preset at
+    this size, shorter side to ``round(H * 256 / 224)``), EXIF orientation applied as
+    ``npmnv3.preprocess`` applies it."""
+    from PIL import Image
+
+    from ..data.preprocess import IMAGENET_MEAN, IMAGENET_STD, crop_pixels, imagenet_preprocessing
+
+    H, W = size
+    prep = dict(preprocessing or (imagenet_preprocessing(None, H) if H == W else {}))
+    if isinstance(image, np.ndarray) and image.dtype.kind == "f" and image.ndim == 3 \
+            and image.shape[0] == 3:
+        if image.shape[1:] != (H, W):
+            raise ValueError(f"the input image is {image.shape[1:]}, the heat map {(H, W)}")
+        mean = np.asarray(prep.get("mean", IMAGENET_MEAN)).reshape(3, 1, 1)
+        std = np.asarray(prep.get("std", IMAGENET_STD)).reshape(3, 1, 1)
+        px = (image.astype(np.float64) * std + mean) * 255             # undo normalize
+        return np.clip(px, 0, 255).round().astype(np.uint8).transpose(1, 2, 0)
+    if isinstance(image, np.ndarray):
+        if image.shape[:2] == (H, W):
+            px = image.astype(np.uint8)
+            return np.repeat(px[..., None], 3, 2) if px.ndim == 2 else px[..., :3]
+        image = Image.fromarray(image.astype(np.uint8))
+    if H != W or "crop_size" not in prep:
+        raise ValueError(f"a {H}x{W} heat map: give the network's input (x[i]) or its pixels; "
+                         f"a photo is center-cropped to a square")
+    if prep["crop_size"] != H:
+        raise ValueError(f"preprocessing crops {prep['crop_size']}, the heat map is {H}x{W}")
+    px = crop_pixels(image, prep["resize_size"], H, exif_transpose=exif_transpose)
+    return np.repeat(px[..., None], 3, 2) if px.ndim == 2 else px
+
+
+def save_overlay(image, cam: np.ndarray, path, *, alpha: float = 0.5, cmap: str = "jet",
+                 preprocessing=None, exif_transpose: bool = True):
+    """Blend Grad-CAM heat maps over the pixels the network saw and save them as PNG.
+
+    ``cam``: one map (H, W), or ``gradcam``'s (N, H, W); ``image`` (one, or a sequence of N)
+    and ``path`` (one, or N paths; or one path with ``{i}`` in it) to match. Each image is
+    what ``overlay_pixels`` takes: the input ``x[i]``, its pixels, or the original photo
+    (prepared as ``preprocessing`` says, default torchvision's preset at the map's size), so
+    the map lands on exactly the pixels it was computed for. Returns the path (or paths)."""
     from matplotlib import colormaps
     from PIL import Image
 
-    if isinstance(image, np.ndarray):
-        img = Image.fromarray(image.astype(np.uint8))
-    elif isinstance(image, Image.Image):
-        img = image
+    cams = np.asarray(cam)
+    single = cams.ndim == 2
+    if single:
+        cams = cams[None]
+    if cams.ndim != 3:
+        raise ValueError(f"cam must be (H, W) or (N, H, W), got shape {cams.shape}")
+    n = len(cams)
+    images = list(image) if isinstance(image, (list, tuple)) else (
+        list(image) if isinstance(image, np.ndarray) and image.ndim == 4 else [image] * n)
+    if isinstance(path, (list, tuple)):
+        paths = list(path)
     else:
-        img = Image.open(image)
-    img = img.convert("RGB").resize((cam.shape[1], cam.shape[0]), Image.BILINEAR)
-    heat = colormaps[cmap](np.clip(cam, 0, 1))[..., :3]             # (H, W, 3) in [0, 1]
-    out = (1 - alpha) * np.asarray(img, dtype=np.float64) / 255 + alpha * heat
-    Image.fromarray((out * 255).round().astype(np.uint8)).save(path, format="PNG")
-    return path
+        paths = [str(path).format(i=i) for i in range(n)] if "{i}" in str(path) else [path]
+    if len(images) != n or len(paths) != n:
+        raise ValueError(f"{n} heat map(s), {len(images)} image(s) and {len(paths)} path(s): "
+                         f"give one image and one path (or a '{{i}}' pattern) per map")
+    for img, c, p in zip(images, cams, paths):
+        px = overlay_pixels(img, c.shape, preprocessing=preprocessing,
+                            exif_transpose=exif_transpose)
+        heat = colormaps[cmap](np.clip(c, 0, 1))[..., :3]             # (H, W, 3) in [0, 1]
+        out = (1 - alpha) * px.astype(np.float64) / 255 + alpha * heat
+        Image.fromarray((out * 255).round().astype(np.uint8)).save(p, format="PNG")
+    return paths[0] if single or (n == 1 and not isinstance(path, (list, tuple))) else paths

@@ -22,7 +22,7 @@ from ..io import seg_registry as S
 from ..io.registry import WeightsError
 
 __all__ = ["voc_palette", "colorize", "overlay", "class_shares", "load_segmenter", "segment",
-           "add_parser", "run"]
+           "run"]
 
 MODELS = ("lraspp", "deeplabv3")
 RESIZE = 520                 # both weights' SemanticSegmentation(resize_size=520) preset
@@ -170,22 +170,6 @@ def format_results(results) -> str:
             lines.append(f"{r['image']} -> {r['mask']}, {r['overlay']}")
             lines += [f"  {c['share']:7.2%}  {c['label']} ({c['index']})" for c in r["classes"]]
     return "\n".join(lines)
-
-
-def add_parser(subparsers):
-    """Register ``segment`` on an ``argparse`` sub-parsers object."""
-    p = subparsers.add_parser("segment", help="semantic segmentation (VOC classes) with LR-ASPP "
-                              "or DeepLabV3; writes mask and overlay PNGs")
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--model", choices=MODELS, help="default: what --weights holds, else lraspp")
-    p.add_argument("--weights", metavar="NAME|FILE", help="lraspp or deeplabv3 (fetched if "
-                   "needed), or a torchvision .pth file")
-    p.add_argument("--out", default="segment-out", metavar="DIR",
-                   help="where the PNGs go (default segment-out)")
-    p.add_argument("--json", action="store_true", help="print a JSON list instead of text")
-    p.add_argument("--no-exif", action="store_true", help="ignore the EXIF orientation")
-    p.set_defaults(func=run)
-    return p
 
 
 def run(args) -> int:

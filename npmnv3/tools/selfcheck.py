@@ -1,9 +1,9 @@
 """Self-check without torch: every kernel's backward against central differences, and the fast
 implementation against the naive one, in float64 on small random inputs.
 
-``run_selfcheck()`` returns one ``CheckRow`` per (kernel, quantity); ``npmnv3 selfcheck`` prints
-them. The tests (tests/) hold the full, torch-referenced checks; this is the quick proof a user
-can run anywhere.
+``run_selfcheck()`` returns one ``CheckRow`` per (kernel, quantity); ``iter_selfcheck()`` yields
+them as each is done (``npmnv3 selfcheck`` prints them so). The tests (tests/) hold the full,
+torch-referenced checks; this is the quick proof a user can run anywhere.
 """
 
 from __future__ import annotations
@@ -82,8 +82,13 @@ def _away_from_kinks(a):
 
 
 def run_selfcheck(seed: int = 0) -> list[CheckRow]:
+    """Every check's ``CheckRow``."""
+    return list(iter_selfcheck(seed))
+
+
+def iter_selfcheck(seed: int = 0):
+    """Yield the ``CheckRow`` of each check as soon as it is done."""
     rng = np.random.default_rng(seed)
-    rows = []
     for name, fwd, bwd, arrays, gnames in _cases(rng):
         arrays = [_away_from_kinks(a) for a in arrays]
         outs = {}
@@ -94,24 +99,22 @@ def run_selfcheck(seed: int = 0) -> list[CheckRow]:
             grads = bwd(dout, cache, impl=impl)
             grads = grads if isinstance(grads, tuple) else (grads,)
             outs[impl + "_grads"] = grads
-        rows.append(CheckRow(name, "naive == fast (forward)",
-                             rel_error(outs["naive"], outs["fast"]), AGREE_TOL))
+        yield CheckRow(name, "naive == fast (forward)", rel_error(outs["naive"], outs["fast"]),
+                       AGREE_TOL)
         for i, g in enumerate(gnames):
-            rows.append(CheckRow(name, f"naive == fast ({g})",
-                                 rel_error(outs["naive_grads"][i], outs["fast_grads"][i]),
-                                 AGREE_TOL))
+            yield CheckRow(name, f"naive == fast ({g})",
+                           rel_error(outs["naive_grads"][i], outs["fast_grads"][i]), AGREE_TOL)
 
             def f(fwd=fwd, arrays=arrays, dout=dout):    # sum(out * dout): d/da = backward
                 return float(np.sum(fwd(*arrays, "fast")[0] * dout))
 
             num = numerical_gradient(f, arrays[i])
-            rows.append(CheckRow(name, f"finite differences ({g})",
-                                 rel_error(outs["fast_grads"][i], num), FD_TOL))
+            yield CheckRow(name, f"finite differences ({g})",
+                           rel_error(outs["fast_grads"][i], num), FD_TOL)
     z = rng.standard_normal((4, 6))
     y = np.array([0, 5, 2, 2])
     loss, cache = K.cross_entropy_forward(z, y, label_smoothing=0.1)
     num = numerical_gradient(
         lambda: float(K.cross_entropy_forward(z, y, label_smoothing=0.1)[0]), z)
-    rows.append(CheckRow("cross-entropy", "finite differences (dlogits)",
-                         rel_error(K.cross_entropy_backward(1.0, cache), num), FD_TOL))
-    return rows
+    yield CheckRow("cross-entropy", "finite differences (dlogits)",
+                   rel_error(K.cross_entropy_backward(1.0, cache), num), FD_TOL)

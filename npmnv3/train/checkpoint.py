@@ -16,9 +16,11 @@ from ..nn.config import MobileNetV3Config
 
 
 def save_checkpoint(path, model, opt, *, epoch, rng, history, sched_epoch, config, classes,
-                    preprocessing=None):
-    """Model state_dict + optimizer state + epoch + RNG state + history, atomically."""
-    meta = {"format": CHECKPOINT_FORMAT, "arch": model.config.to_dict(), "bn_eps": model.bn_eps,
+                    preprocessing=None, extra=None):
+    """Model state_dict + optimizer state + epoch + RNG state + history (+ ``extra`` meta
+    entries), atomically."""
+    meta = {**(extra or {}), "format": CHECKPOINT_FORMAT, "arch": model.config.to_dict(),
+            "bn_eps": model.bn_eps,
             "dtype": np.dtype(model.dtype).name, "epoch": epoch,
             "rng_state": rng.bit_generator.state, "scheduler_epoch": sched_epoch,
             "history": history, "config": config, "classes": classes,
@@ -69,5 +71,7 @@ def restore(path, model, opt, sched, rng, cfg, classes):
         raise ValueError(f"{path}: the checkpoint does not fit the model: {e}") from None
     if sched is not None:
         sched.epoch = meta["scheduler_epoch"]
+        if hasattr(sched, "lr_at"):     # cosine over this run's epochs (more: extended)
+            opt.lr = sched.lr_at(sched.epoch)
     rng.bit_generator.state = meta["rng_state"]
     return int(meta["epoch"]), meta["history"]

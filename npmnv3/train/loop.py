@@ -10,15 +10,21 @@ at the head.
 
 Each epoch ends with ``out_dir/checkpoint.npz`` (model state_dict, optimizer state, epoch, RNG
 state, history, architecture) and ``out_dir/model.npz`` (the weights in ``npmnv3 convert``'s
-format, for ``load_model`` and ``npmnv3 classify``), both written atomically; the run ends with
-``out_dir/curves.png``. ``fit(..., resume=checkpoint)`` continues exactly where the checkpoint
-left off: one generator draws every random number, and its state is saved with the rest.
+format, for ``load_model`` and ``npmnv3 classify``), and, with validation data, ``best.npz``
+(the weights of the epoch with the highest validation accuracy so far; the earliest on a tie),
+all written atomically; the run ends with ``out_dir/curves.png``, also when it is stopped by
+Ctrl-C (``KeyboardInterrupt``): the checkpoint of the last finished epoch then continues it.
+``fit(..., resume=checkpoint)`` continues exactly where the checkpoint left off: one generator
+draws every random number, and its state is saved with the rest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -34,7 +40,7 @@ __all__ = ["ArrayDataset", "ImageFolder", "evaluate", "fit", "load_checkpoint", 
 OPTIMIZERS = ("sgd", "rmsprop")
 SCHEDULERS = ("none", "cosine", "step", "exponential")
 HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
-                "train_seconds", "val_seconds")
+                "train_seconds", "val_seconds", "train_images")
 
 
 class CosineLR:
@@ -43,10 +49,12 @@ class CosineLR:
     def __init__(self, optimizer, epochs: int):
         self.optimizer, self.epochs, self.epoch = optimizer, epochs, 0
 
+    def lr_at(self, epoch: int) -> float:
+        return self.optimizer.initial_lr * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
+
     def step(self):
         self.epoch += 1
-        self.optimizer.lr = self.optimizer.initial_lr * 0.5 * (
-            1 + math.cos(math.pi * self.epoch / self.epochs))
+        self.optimizer.lr = self.lr_at(self.epoch)
 
 
 def make_optimizer(model, name, lr, momentum=0.9, weight_decay=0.0):
@@ -87,6 +95,9 @@ def _check_labels(data, model, name):
     if t.size == 0:
         raise ValueError(f"{name} holds no images")
     k = model.spec.num_classes
+    if k < 2:
+        raise ValueError(f"the model has {k} output: cross-entropy over a single class is "
+                         f"always 0, nothing can be learned (at least 2 classes are needed)")
     if t.min() < 0 or t.max() >= k:
         n = len(data.classes) if getattr(data, "classes", None) else int(t.max()) + 1
         raise ValueError(f"{name}: labels {int(t.min())}..{int(t.max())} do not fit the model's "
@@ -95,7 +106,8 @@ def _check_labels(data, model, name):
 
 
 def _train_epoch(model, data, opt, rng, cfg, bar):
-    """One pass over ``data``; returns (mean loss, accuracy)."""
+    """One pass over ``data``; returns (mean loss, accuracy, images trained on). The bar
+    counts images, so it shows the epoch's time and images/s."""
     total_loss, correct, seen = 0.0, 0, 0
     model.train()
     for x, y in data.batches(cfg["batch_size"], rng=rng, shuffle=True, min_size=2):
@@ -109,12 +121,13 @@ def _train_epoch(model, data, opt, rng, cfg, bar):
         total_loss += float(loss) * len(y)
         correct += int((logits.argmax(axis=1) == y).sum())
         seen += len(y)
-        bar.update(1)
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}",
+                        refresh=False)
+        bar.update(len(y))
     model.zero_grad()
     if not seen:
         raise ValueError("no training batch could be formed (need at least 2 readable images)")
-    return total_loss / seen, correct / seen
+    return total_loss / seen, correct / seen, seen
 
 
 def evaluate(model, data, *, batch_size=64, label_smoothing=0.0):
@@ -134,8 +147,9 @@ def evaluate(model, data, *, batch_size=64, label_smoothing=0.0):
     return total_loss / seen, correct / seen
 
 
-def _num_batches(n, batch_size, min_size):
-    return n // batch_size + (1 if n % batch_size >= min_size else 0)
+def _num_images(n, batch_size, min_size):
+    """Images in the batches of an epoch (a last batch under ``min_size`` is dropped)."""
+    return n if n % batch_size >= min_size else n - n % batch_size
 
 
 def _run_epoch(model, train_data, val_data, opt, rng, cfg, epoch, progress):
@@ -143,11 +157,12 @@ def _run_epoch(model, train_data, val_data, opt, rng, cfg, epoch, progress):
     from tqdm import tqdm
 
     row = {"epoch": epoch + 1, "lr": opt.lr}
-    total = _num_batches(len(train_data), cfg["batch_size"], 2)
-    with tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="batch",
-              disable=not progress, leave=True) as bar:
+    total = _num_images(len(train_data), cfg["batch_size"], 2)
+    with tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="img",
+              disable=None if progress else True, leave=True) as bar:
         t0 = time.perf_counter()
-        row["train_loss"], row["train_acc"] = _train_epoch(model, train_data, opt, rng, cfg, bar)
+        row["train_loss"], row["train_acc"], row["train_images"] = _train_epoch(
+            model, train_data, opt, rng, cfg, bar)
         t1 = time.perf_counter()
         row["val_loss"] = row["val_acc"] = None
         if val_data is not None:
@@ -178,15 +193,16 @@ def _check_config(cfg):
 def fit(model, train_data, val_data=None, *, epochs, batch_size=32, optimizer="sgd", lr=0.01,
         momentum=0.9, weight_decay=0.0, label_smoothing=0.0, freeze_backbone=False,
         scheduler="cosine", bn_momentum=0.1, out_dir=None, resume=None, seed=0, progress=True,
-        callback=None, preprocessing=None):
+        callback=None, preprocessing=None, extra_meta=None):
     """Train ``model`` in place for ``epochs`` epochs (in all, counting a resumed run's).
 
     ``train_data``/``val_data``: ``ImageFolder``/``ArrayDataset`` (anything with ``targets``,
     ``classes`` and ``batches``); labels must lie in [0, num_classes)
     (``model.reset_classifier``).
     ``optimizer`` "sgd" | "rmsprop"; ``scheduler``: see ``make_scheduler``, stepped per epoch.
-    ``out_dir``: checkpoint.npz and model.npz after every epoch, curves.png at the end (None:
-    nothing written). ``resume``: a checkpoint.npz to continue from (same architecture).
+    ``out_dir``: checkpoint.npz and model.npz after every epoch, best.npz when validation
+    accuracy is the highest yet, curves.png at the end or on Ctrl-C (None: nothing written).
+    ``resume``: a checkpoint.npz to continue from (same architecture).
     ``bn_momentum``: batch norm's running-statistics momentum during ``fit`` (restored after);
     torchvision's 0.01 suits its ~600 ImageNet epochs, but over a short run the running
     statistics then lag far behind the weights and eval-mode accuracy collapses (digits: 14 %
@@ -196,6 +212,9 @@ def fit(model, train_data, val_data=None, *, epochs, batch_size=32, optimizer="s
     ``preprocessing``: how an image must be prepared for the trained model, recorded in the
     files written (``npmnv3 classify`` uses it); default: the validation (else training)
     data's evaluation transform (resize, center crop, mean/std), or None for arrays.
+    ``extra_meta``: more JSON entries for checkpoint.npz (``npmnv3 train`` records its options).
+    Resuming with more ``epochs`` than the checkpoint's run planned extends it: the cosine
+    schedule continues over the new total from the epoch reached.
     Returns the history: per-epoch lists of ``HISTORY_KEYS``. The model ends in eval mode.
     """
     cfg = {"epochs": epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
@@ -213,6 +232,8 @@ def fit(model, train_data, val_data=None, *, epochs, batch_size=32, optimizer="s
     history, start = {k: [] for k in HISTORY_KEYS}, 0
     if resume is not None:
         start, history = restore(resume, model, opt, sched, rng, cfg, classes)
+        for k in HISTORY_KEYS:                       # older checkpoints: a key added since
+            history.setdefault(k, [None] * len(history["epoch"]))
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -221,24 +242,64 @@ def fit(model, train_data, val_data=None, *, epochs, batch_size=32, optimizer="s
     try:
         for epoch in range(start, epochs):
             row = _run_epoch(model, train_data, val_data, opt, rng, cfg, epoch, progress)
-            if sched is not None:
-                sched.step()
-            for k in HISTORY_KEYS:
-                history[k].append(row[k])
-            if out is not None:
-                save_checkpoint(out / "checkpoint.npz", model, opt, epoch=epoch + 1, rng=rng,
-                                history=history, sched_epoch=getattr(sched, "epoch", 0),
-                                config=cfg, classes=classes, preprocessing=prep)
-                save_weights(out / "model.npz", model, classes=classes, preprocessing=prep,
-                             source_name="npmnv3 train")
-            if callback is not None and callback(epoch + 1, history):
-                break
+            with _interrupts_deferred():        # an epoch's files are written together
+                if sched is not None:
+                    sched.step()
+                for k in HISTORY_KEYS:
+                    history[k].append(row[k])
+                if out is not None:
+                    save_checkpoint(out / "checkpoint.npz", model, opt, epoch=epoch + 1,
+                                    rng=rng, history=history,
+                                    sched_epoch=getattr(sched, "epoch", 0), config=cfg,
+                                    classes=classes, preprocessing=prep, extra=extra_meta)
+                    save_weights(out / "model.npz", model, classes=classes,
+                                 preprocessing=prep, source_name="npmnv3 train")
+                    best = best_epoch(history)
+                    if best == epoch + 1:
+                        save_weights(out / "best.npz", model, classes=classes,
+                                     preprocessing=prep, source_name="npmnv3 train",
+                                     extra={"epoch": epoch + 1, "val_acc": row["val_acc"]})
+                    elif best is None:          # no validation: no best.npz of another run
+                        (out / "best.npz").unlink(missing_ok=True)
+                if callback is not None and callback(epoch + 1, history):
+                    break
+    except KeyboardInterrupt:           # stopped early: the finished epochs' curves, then out
+        if out is not None and history["epoch"]:
+            plot_history(history, out / "curves.png")
+        raise
     finally:
         model.bn_momentum = saved_momentum
         model.eval()
     if out is not None and history["epoch"]:
         plot_history(history, out / "curves.png")
     return history
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Ctrl-C (SIGINT) during the block takes effect when it ends, so an epoch's checkpoint,
+    model, best model and history line always belong together (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if got and callable(old):
+        old(signal.SIGINT, None)        # Python's default handler raises KeyboardInterrupt
+    elif got and old == signal.SIG_DFL:
+        raise KeyboardInterrupt
+
+
+def best_epoch(history) -> int | None:
+    """The epoch with the highest validation accuracy (the earliest on a tie), or None
+    without validation."""
+    scored = [(acc, -e) for e, acc in zip(history["epoch"], history["val_acc"])
+              if acc is not None]
+    return -max(scored)[1] if scored else None
 
 
 def _preprocessing_of(*datasets):
@@ -250,8 +311,10 @@ def _preprocessing_of(*datasets):
     return None
 
 
-def plot_history(history, path, title="npmnv3 training"):
-    """Loss and accuracy per epoch (train and validation) as a PNG, written atomically."""
+def history_figure(history, title="npmnv3 training"):
+    """The matplotlib Figure of ``plot_history``: loss (log scale, so one spike does not
+    flatten the rest; a linear axis clipped at 3x the median if a loss is not positive) and
+    accuracy per epoch, train and validation."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -267,9 +330,27 @@ def plot_history(history, path, title="npmnv3 training"):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel({"loss": "cross-entropy loss", "acc": "top-1 accuracy"}[what])
-        ax.grid(alpha=0.3)
+        if what == "loss":
+            _loss_axis(ax, history["train_loss"] + [v for _, v in val])
+        ax.grid(alpha=0.3, which="both")
         ax.legend()
     fig.suptitle(title)
+    return fig
+
+
+def _loss_axis(ax, values):
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size and v.min() > 0:
+        ax.set_yscale("log")
+    elif v.size:
+        ax.set_ylim(min(0.0, v.min()), 3 * max(np.median(v), 1e-12))
+        ax.set_ylabel("cross-entropy loss (clipped at 3x the median)")
+
+
+def plot_history(history, path, title="npmnv3 training"):
+    """Loss and accuracy per epoch (train and validation) as a PNG, written atomically."""
+    fig = history_figure(history, title)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     try:
