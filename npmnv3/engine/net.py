@@ -136,8 +136,8 @@ class FoldedNet:
     def _forward(self, phases, T, tab, x, ws, sizes, tr, toffs, out, pooled_t, hidden_t,
                  logits_t, n0):
         p = self.plan
-        run.forward(phases, T, tab, p.wb, p.kc, p.fc, x, ws.ws, ws.sc, ws.pools, sizes, tr,
-                    toffs, out, pooled_t, hidden_t, logits_t, n0)
+        run.forward(run.compiled_task(self.dtype), phases, T, tab, p.wb, p.kc, p.fc, x, ws.ws,
+                    ws.sc, ws.pools, sizes, tr, toffs, out, pooled_t, hidden_t, logits_t, n0)
 
     @staticmethod
     def band_phases(tab, trace):

@@ -22,8 +22,11 @@ one image into row (or pixel) ranges, one per thread (batch 1), with the SE gate
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
-from numba import njit, prange
+from numba import cfunc, njit, prange, types
+from numba.core import event
 
 from ..kernels.nhwc import (
     conv_rows,
@@ -66,6 +69,10 @@ from .plan import (
     F_WP,
     STEM,
 )
+
+# A bare ``0`` argument is typed Literal[int](0) and compiles a second copy of the kernel; every
+# call passes the activation code as an int64 so each kernel has one signature.
+NO_ACT = np.int64(0)
 
 
 @njit(cache=True, inline="always")
@@ -132,7 +139,7 @@ def block_front(t, wb, x, y, D, E, acc, pool, kc, o0, o1):
             Db = D[b0 * Wo * ce:b1 * Wo * ce].reshape((b1 - b0) * Wo, ce)
             Y = y[b0 * Wo * cout:b1 * Wo * cout].reshape((b1 - b0) * Wo, cout)
             res = X[b0 * Wo:b1 * Wo] if t[F_RES] else X[:0]
-            pointwise(Db, wp, bp, 0, kc, Y, res)
+            pointwise(Db, wp, bp, NO_ACT, kc, Y, res)
 
 
 @njit(cache=True)
@@ -151,7 +158,7 @@ def block_back(t, wb, x, y, D, g, kc, q0, q1):
     scale_channels(Db, g[:ce])
     Y = y[q0 * cout:q1 * cout].reshape(q1 - q0, cout)
     X = x[q0 * cout:q1 * cout].reshape(q1 - q0, cout)
-    pointwise(Db, mat(wb, t[F_WP], ce, cout), wb[t[F_BP]:t[F_BP] + cout], 0, kc, Y,
+    pointwise(Db, mat(wb, t[F_WP], ce, cout), wb[t[F_BP]:t[F_BP] + cout], NO_ACT, kc, Y,
               X if t[F_RES] else X[:0])
 
 
@@ -192,7 +199,6 @@ def copy(dst, src, n):
         dst[i] = src[i]
 
 
-@njit(cache=True)
 def task(ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs, feats, pooled_t,
          hidden_t, logits_t, n0):
     """Task c of T of phase ``ph`` (of step i; image n0 in band phases). Every kernel is called
@@ -262,12 +268,49 @@ def task(ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs, f
                 copy(trace[toffs[j] + n * size:], y, size)
 
 
+# ----------------------------------------------------------------------------- compilation
+#
+# Numba links a callee's machine code into every caller that calls it directly, and optimises
+# and emits the linked module again at each level: the kernels, ``block_front``..., ``task``,
+# the parallel loop's body and ``forward`` each held a copy of the whole engine, and an empty
+# cache spent ~28 s there. So ``task`` is compiled once, as a C callback (a ``cfunc``, one per
+# dtype), and ``forward`` receives its address as an argument and calls it through a pointer:
+# the parallel loop is compiled without the engine inside it, and ``forward`` has one
+# signature per dtype whatever the callback.
+
+
+def task_signature(dtype):
+    """The C signature of ``task`` for arrays of ``dtype`` (every array C-contiguous)."""
+    f = types.float32 if np.dtype(dtype) == np.float32 else types.float64
+    i, ints, table = types.int64, types.int64[::1], types.int64[:, ::1]
+    vec, mat2 = f[::1], f[:, ::1]
+    return types.void(i, i, i, i, table, vec, vec, ints, f[:, :, :, ::1], mat2, mat2,
+                      types.float64[:, ::1], ints, vec, ints, mat2, mat2, mat2, mat2, i)
+
+
+_TASKS = {}
+
+
+def compiled_task(dtype):
+    """``task`` compiled for ``dtype`` (float32 or float64) as a C callback, made on first use
+    (loaded from Numba's cache when it is warm). Pass it to ``forward``."""
+    key = np.dtype(dtype)
+    if key not in _TASKS:
+        # a cfunc fires no compile event of its own: announce it like a dispatcher's, so the
+        # benchmark's per-function compile times (numba:compile listeners) include it
+        with event.trigger_event("numba:compile", data={"dispatcher": SimpleNamespace(
+                py_func=task)}):
+            _TASKS[key] = cfunc(task_signature(key), cache=True)(task)
+    return _TASKS[key]
+
+
 @njit(cache=True, parallel=True)
-def forward(phases, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs, feats,
+def forward(task, phases, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs, feats,
             pooled_t, hidden_t, logits_t, n0):
-    """Run ``phases`` (M, 2): (phase, step) rows, each as T parallel tasks."""
+    """Run ``phases`` (M, 2): (phase, step) rows, each as T parallel calls of ``task``
+    (``compiled_task(dtype)``)."""
     for m in range(phases.shape[0]):
         ph, i = phases[m, 0], phases[m, 1]
-        for c in prange(T):
-            task(ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs, feats,
-                 pooled_t, hidden_t, logits_t, n0)
+        for c in prange(T):     # c is uint64 inside the parallel loop: task takes an int64
+            task(ph, i, np.int64(c), T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace,
+                 toffs, feats, pooled_t, hidden_t, logits_t, n0)
