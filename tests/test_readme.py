@@ -3,7 +3,8 @@
 Each block runs in a fresh namespace, in a temporary directory holding what the snippets name:
 ``mobilenet_v3_large-5c1a4163.pth`` (a checkpoint torchvision writes, random weights: the
 official file cannot be downloaded here), ``quantized.pth`` (torchvision's quantized
-MobileNetV3-Large state_dict, converted after a short calibration), ``photo.jpg`` (a shipped
+MobileNetV3-Large state_dict, converted after a short calibration),
+``lraspp_mobilenet_v3_large-d234d4ea.pth`` (torchvision's LR-ASPP, random weights), ``photo.jpg`` (a shipped
 photo), ``data/`` (a tiny image folder: train/ and val/, two classes); ``x`` is an input batch.
 Nothing is downloaded.
 """
@@ -40,6 +41,9 @@ def workdir(tmp_path, monkeypatch):
     from npmnv3.tools.qcompare import torchvision_quantized
     torch.save(torchvision_quantized("large", image_size=64, batches=1, batch_size=2).state_dict(),
                tmp_path / "quantized.pth")
+    seg = torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None,
+                                                                     weights_backbone=None)
+    torch.save(seg.state_dict(), tmp_path / "lraspp_mobilenet_v3_large-d234d4ea.pth")
     shutil.copy(REPO / "tests" / "data" / "coffee.jpg", tmp_path / "photo.jpg")
     rng = np.random.default_rng(0)
     for split, n in (("train", 3), ("val", 1)):
