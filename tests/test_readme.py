@@ -4,9 +4,9 @@ Each block runs in a fresh namespace, in a temporary directory holding what the 
 ``mobilenet_v3_large-5c1a4163.pth`` (a checkpoint torchvision writes, random weights: the
 official file cannot be downloaded here), ``quantized.pth`` (torchvision's quantized
 MobileNetV3-Large state_dict, converted after a short calibration),
-``lraspp_mobilenet_v3_large-d234d4ea.pth`` (torchvision's LR-ASPP, random weights), ``photo.jpg`` (a shipped
-photo), ``data/`` (a tiny image folder: train/ and val/, two classes); ``x`` is an input batch.
-Nothing is downloaded.
+``lraspp_mobilenet_v3_large-d234d4ea.pth`` (torchvision's LR-ASPP, random weights),
+``photo.jpg`` (a shipped photo), ``data/`` (a tiny image folder: train/ and val/, two
+classes); ``x`` is an input batch. Nothing is downloaded.
 """
 
 from __future__ import annotations

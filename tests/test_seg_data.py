@@ -122,3 +122,13 @@ def test_offline_advice_is_classify_s(seg_entry, tmp_path):
                                               r"takes a local .pth file$"):
         W.fetch_segmentation("test-seg", timeout=TIMEOUT)
     assert leftovers(tmp_path / "home") == []
+
+
+def test_weights_list_shows_the_segmentation_checkpoints(capsys):
+    from npmnv3.cli import main
+    assert main(["weights", "list"]) == 0
+    out = capsys.readouterr().out
+    seg = out[out.index("segmentation (npmnv3 segment --weights NAME)"):]
+    for e in W.SEG_REGISTRY.values():
+        row = next(ln for ln in seg.splitlines() if ln.startswith(e.name + " "))
+        assert e.file_name in row and f"{e.miou:.1f}" in row and f"{e.num_params:,}" in row

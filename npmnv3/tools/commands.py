@@ -268,7 +268,16 @@ def cmd_weights(args) -> int:
               + "; defaults: " + ", ".join(f"--model {m}: {n}" for m, n in W.DEFAULTS.items())
               + ", " + ", ".join(f"--quantized --model {m}: {n}"
                                  for m, n in W.QUANTIZED_DEFAULTS.items()))
-        print(f"weights directory: {W.weights_dir()} (NPMNV3_HOME)")
+        from ..io.seg_registry import SEG_REGISTRY
+        print(f"\nsegmentation (npmnv3 segment --weights NAME), VOC's 21 classes:\n"
+              f"{'name':<16} {'model':<10} {'mIoU':>6} {'pixacc':>6} {'params':>10} "
+              f"{'resize':>6} {'crop':>4}  {'file':<40} on disk")
+        for e in SEG_REGISTRY.values():
+            where = [d for d in (W.weights_dir(), W.torch_hub_dir()) if (d / e.file_name).is_file()]
+            print(f"{e.name:<16} {e.model:<10} {e.miou:6.1f} {e.pixel_acc:6.1f} "
+                  f"{e.num_params:>10,} {e.resize_size:>6} {'-':>4}  {e.file_name:<40} "
+                  f"{where[0] / e.file_name if where else '-'}")
+        print(f"\nweights directory: {W.weights_dir()} (NPMNV3_HOME)")
         print(f"torch hub cache:   {W.torch_hub_dir()} (reused when the file is there)")
         return 0
     entry = W.get(args.name)
