@@ -122,3 +122,21 @@ def check_state_dict(sd: dict, layout, *, strict: bool = True,
         raise ValueError(f"state_dict does not fit {model}:\n" + "\n".join(lines)
                          + (f"\n{hint}" if hint else ""))
     return {"missing": missing, "unexpected": unexpected}
+
+
+def assign_state_dict(sd: dict, layout, params: dict, buffers: dict, dtype) -> None:
+    """Copy the entries of a checked ``sd`` into ``params`` / ``buffers`` by ``layout``
+    [(key, shape, kind)], cast to ``dtype``; ``num_batches_tracked`` stays int64 (0 if absent,
+    as older checkpoints have none). Call ``check_state_dict`` first."""
+    for key, _, kind in layout:
+        if key not in sd:
+            if key.endswith("num_batches_tracked"):
+                buffers[key] = np.array(0, dtype=np.int64)
+            continue
+        v = np.asarray(sd[key])
+        if key.endswith("num_batches_tracked"):
+            buffers[key] = np.array(int(v.reshape(-1)[0]), dtype=np.int64)
+        elif kind == "buffer":
+            buffers[key] = np.array(v, dtype=dtype)
+        else:
+            params[key] = np.array(v, dtype=dtype)

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..io.statedict import check_state_dict
+from ..io.statedict import assign_state_dict, check_state_dict
 from ..kernels.heap import keep_freed_memory
 from ..kernels.threads import single_threaded_blas
 from .blocks import (
@@ -138,18 +138,7 @@ class MobileNetV3:
         Returns ``{"missing": [...], "unexpected": [...]}`` (both empty when ``strict``).
         """
         report = check_state_dict(sd, self.layout, strict=strict, config=self.config)
-        for key, _, kind in self.layout:
-            if key not in sd:
-                if key.endswith("num_batches_tracked"):
-                    self.buffers[key] = np.array(0, dtype=np.int64)
-                continue
-            v = np.asarray(sd[key])
-            if key.endswith("num_batches_tracked"):
-                self.buffers[key] = np.array(int(v.reshape(-1)[0]), dtype=np.int64)
-            elif kind == "buffer":
-                self.buffers[key] = np.array(v, dtype=self.dtype)
-            else:
-                self.params[key] = np.array(v, dtype=self.dtype)
+        assign_state_dict(sd, self.layout, self.params, self.buffers, self.dtype)
         self.changed()
         return report
 

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import kernels as K
-from ..io.statedict import check_state_dict
+from ..io.statedict import assign_state_dict, check_state_dict
 from .blocks import (
     Ctx,
     conv_bn_act_backward,
@@ -125,18 +125,7 @@ class SegmentationModel:
         """Load arrays by torchvision key (cast to the model's dtype); every problem is reported
         in one ``ValueError``. ``num_batches_tracked`` may be missing (set to 0)."""
         report = check_state_dict(sd, self.layout, strict=strict)
-        for key, _, kind in self.layout:
-            if key not in sd:
-                if key.endswith("num_batches_tracked"):
-                    self.buffers[key] = np.array(0, dtype=np.int64)
-                continue
-            v = np.asarray(sd[key])
-            if key.endswith("num_batches_tracked"):
-                self.buffers[key] = np.array(int(v.reshape(-1)[0]), dtype=np.int64)
-            elif kind == "buffer":
-                self.buffers[key] = np.array(v, dtype=self.dtype)
-            else:
-                self.params[key] = np.array(v, dtype=self.dtype)
+        assign_state_dict(sd, self.layout, self.params, self.buffers, self.dtype)
         self._trace = self._replay = None
         return report
 
