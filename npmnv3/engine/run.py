@@ -199,10 +199,11 @@ def copy(dst, src, n):
         dst[i] = src[i]
 
 
-def task(ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs, feats, pooled_t,
-         hidden_t, logits_t, n0):
+def task(stem_rows, block_front, block_gate, block_back, conv1_pixels, ph, i, c, T, tab, wb, kc,
+         fc, xs, ws, sc, pools, sizes, trace, toffs, feats, pooled_t, hidden_t, logits_t, n0):
     """Task c of T of phase ``ph`` (of step i; image n0 in band phases). Every kernel is called
-    from one place only, for the whole-image (IMAGES) and the band phases alike."""
+    from one place only, for the whole-image (IMAGES) and the band phases alike. The first five
+    arguments are the step functions above, compiled as C callbacks (``compiled``)."""
     act, dw, band, nacc, chan, sq = sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5]
     s = sc[c]
     E, acc, h = s[:band], s[band:band + nacc], s[band + nacc:band + nacc + sq]
@@ -273,44 +274,74 @@ def task(ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs, f
 # Numba links a callee's machine code into every caller that calls it directly, and optimises
 # and emits the linked module again at each level: the kernels, ``block_front``..., ``task``,
 # the parallel loop's body and ``forward`` each held a copy of the whole engine, and an empty
-# cache spent ~28 s there. So ``task`` is compiled once, as a C callback (a ``cfunc``, one per
-# dtype), and ``forward`` receives its address as an argument and calls it through a pointer:
-# the parallel loop is compiled without the engine inside it, and ``forward`` has one
-# signature per dtype whatever the callback.
+# cache spent ~28 s there. So the two upper levels are compiled once each, as C callbacks
+# (``cfunc``, one per dtype) called through pointers: the step functions (``stem_rows``,
+# ``block_front``, ``block_gate``, ``block_back``, ``conv1_pixels``; each links only its own
+# kernels), ``task`` (which receives the steps' addresses as arguments, so it holds no copy of
+# them), and ``forward``'s parallel loop (which receives ``task``'s). Addresses travel as
+# arguments, never as globals, so every level stays cacheable, and ``forward`` has one
+# signature per dtype. A call through a pointer costs nanoseconds; there are a few per step.
+
+
+def _types(dtype):
+    """Numba types of the engine's arrays for ``dtype`` (every array C-contiguous)."""
+    f = types.float32 if np.dtype(dtype) == np.float32 else types.float64
+    return SimpleNamespace(i=types.int64, ints=types.int64[::1], table=types.int64[:, ::1],
+                           vec=f[::1], mat2=f[:, ::1], img=f[:, :, ::1], imgs=f[:, :, :, ::1],
+                           pool=types.float64[::1], pools=types.float64[:, ::1])
+
+
+def step_signatures(dtype):
+    """The C signatures of the five step functions, in ``task``'s argument order."""
+    a = _types(dtype)
+    row, i, v, pool = a.ints, a.i, a.vec, a.pool
+    return (types.void(row, v, a.img, v, v, v, i, i),                       # stem_rows
+            types.void(row, v, v, v, v, v, v, pool, v, i, i),               # block_front
+            types.void(row, v, pool, v, v, v),                              # block_gate
+            types.void(row, v, v, v, v, v, v, i, i),                        # block_back
+            types.void(row, v, v, v, pool, v, i, i))                        # conv1_pixels
 
 
 def task_signature(dtype):
-    """The C signature of ``task`` for arrays of ``dtype`` (every array C-contiguous)."""
-    f = types.float32 if np.dtype(dtype) == np.float32 else types.float64
-    i, ints, table = types.int64, types.int64[::1], types.int64[:, ::1]
-    vec, mat2 = f[::1], f[:, ::1]
-    return types.void(i, i, i, i, table, vec, vec, ints, f[:, :, :, ::1], mat2, mat2,
-                      types.float64[:, ::1], ints, vec, ints, mat2, mat2, mat2, mat2, i)
+    """The C signature of ``task`` for arrays of ``dtype``."""
+    a = _types(dtype)
+    i, v, m = a.i, a.vec, a.mat2
+    steps = tuple(types.FunctionType(sig) for sig in step_signatures(dtype))
+    return types.void(*steps, i, i, i, i, a.table, v, v, a.ints, a.imgs, m, m, a.pools, a.ints,
+                      v, a.ints, m, m, m, m, i)
 
 
-_TASKS = {}
+STEPS = (stem_rows, block_front, block_gate, block_back, conv1_pixels)
+_COMPILED = {}
 
 
-def compiled_task(dtype):
-    """``task`` compiled for ``dtype`` (float32 or float64) as a C callback, made on first use
-    (loaded from Numba's cache when it is warm). Pass it to ``forward``."""
+def _cfunc(py_func, sig):
+    """``py_func`` compiled as a C callback (loaded from Numba's cache when it is warm). A
+    cfunc fires no compile event of its own: announce it like a dispatcher's, so the
+    benchmark's per-function compile times (numba:compile listeners) include it."""
+    with event.trigger_event("numba:compile", data={"dispatcher": SimpleNamespace(
+            py_func=py_func)}):
+        return cfunc(sig, cache=True)(py_func)
+
+
+def compiled(dtype):
+    """``(task, steps)`` for ``dtype`` (float32 or float64), C callbacks made on first use:
+    the first two arguments of ``forward``."""
     key = np.dtype(dtype)
-    if key not in _TASKS:
-        # a cfunc fires no compile event of its own: announce it like a dispatcher's, so the
-        # benchmark's per-function compile times (numba:compile listeners) include it
-        with event.trigger_event("numba:compile", data={"dispatcher": SimpleNamespace(
-                py_func=task)}):
-            _TASKS[key] = cfunc(task_signature(key), cache=True)(task)
-    return _TASKS[key]
+    if key not in _COMPILED:
+        steps = tuple(_cfunc(f.py_func, sig) for f, sig in zip(STEPS, step_signatures(key)))
+        _COMPILED[key] = (_cfunc(task, task_signature(key)), steps)
+    return _COMPILED[key]
 
 
 @njit(cache=True, parallel=True)
-def forward(task, phases, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs, feats,
-            pooled_t, hidden_t, logits_t, n0):
-    """Run ``phases`` (M, 2): (phase, step) rows, each as T parallel calls of ``task``
-    (``compiled_task(dtype)``)."""
+def forward(task, steps, phases, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs,
+            feats, pooled_t, hidden_t, logits_t, n0):
+    """Run ``phases`` (M, 2): (phase, step) rows, each as T parallel calls of ``task`` with the
+    step functions ``steps`` (both from ``compiled(dtype)``)."""
+    s0, s1, s2, s3, s4 = steps
     for m in range(phases.shape[0]):
         ph, i = phases[m, 0], phases[m, 1]
         for c in prange(T):     # c is uint64 inside the parallel loop: task takes an int64
-            task(ph, i, np.int64(c), T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace,
-                 toffs, feats, pooled_t, hidden_t, logits_t, n0)
+            task(s0, s1, s2, s3, s4, ph, i, np.int64(c), T, tab, wb, kc, fc, xs, ws, sc, pools,
+                 sizes, trace, toffs, feats, pooled_t, hidden_t, logits_t, n0)
