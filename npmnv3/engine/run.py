@@ -26,7 +26,8 @@ from types import SimpleNamespace
 
 import numpy as np
 from numba import cfunc, njit, prange, types
-from numba.core import event
+from numba.core import cgutils, event
+from numba.extending import intrinsic
 
 from ..kernels.nhwc import (
     conv_rows,
@@ -199,11 +200,14 @@ def copy(dst, src, n):
         dst[i] = src[i]
 
 
-def task(stem_rows, block_front, block_gate, block_back, conv1_pixels, ph, i, c, T, tab, wb, kc,
-         fc, xs, ws, sc, pools, sizes, trace, toffs, feats, pooled_t, hidden_t, logits_t, n0):
+def task(steps, ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs, feats,
+         pooled_t, hidden_t, logits_t, n0):
     """Task c of T of phase ``ph`` (of step i; image n0 in band phases). Every kernel is called
-    from one place only, for the whole-image (IMAGES) and the band phases alike. The first five
-    arguments are the step functions above, compiled as C callbacks (``compiled``)."""
+    from one place only, for the whole-image (IMAGES) and the band phases alike. ``steps``: the
+    addresses of the step functions above, compiled as C callbacks (``compiled``)."""
+    stem_rows, block_front = step_function(steps[0], 0, wb), step_function(steps[1], 1, wb)
+    block_gate, block_back = step_function(steps[2], 2, wb), step_function(steps[3], 3, wb)
+    conv1_pixels = step_function(steps[4], 4, wb)
     act, dw, band, nacc, chan, sq = sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5]
     s = sc[c]
     E, acc, h = s[:band], s[band:band + nacc], s[band + nacc:band + nacc + sq]
@@ -279,13 +283,16 @@ def task(stem_rows, block_front, block_gate, block_back, conv1_pixels, ph, i, c,
 # ``block_front``, ``block_gate``, ``block_back``, ``conv1_pixels``; each links only its own
 # kernels), ``task`` (which receives the steps' addresses as arguments, so it holds no copy of
 # them), and ``forward``'s parallel loop (which receives ``task``'s). Addresses travel as
-# arguments, never as globals, so every level stays cacheable, and ``forward`` has one
+# arguments (the steps' in an int64 array, ``step_function`` turns one back into a callable),
+# never as globals, so every level stays cacheable, and ``forward`` has one
 # signature per dtype. A call through a pointer costs nanoseconds; there are a few per step.
 
 
 def _types(dtype):
-    """Numba types of the engine's arrays for ``dtype`` (every array C-contiguous)."""
-    f = types.float32 if np.dtype(dtype) == np.float32 else types.float64
+    """Numba types of the engine's arrays for ``dtype`` (a NumPy or Numba float type; every
+    array C-contiguous)."""
+    f = dtype if isinstance(dtype, types.Float) else types.float32 if np.dtype(
+        dtype) == np.float32 else types.float64
     return SimpleNamespace(i=types.int64, ints=types.int64[::1], table=types.int64[:, ::1],
                            vec=f[::1], mat2=f[:, ::1], img=f[:, :, ::1], imgs=f[:, :, :, ::1],
                            pool=types.float64[::1], pools=types.float64[:, ::1])
@@ -306,13 +313,28 @@ def task_signature(dtype):
     """The C signature of ``task`` for arrays of ``dtype``."""
     a = _types(dtype)
     i, v, m = a.i, a.vec, a.mat2
-    steps = tuple(types.FunctionType(sig) for sig in step_signatures(dtype))
-    return types.void(*steps, i, i, i, i, a.table, v, v, a.ints, a.imgs, m, m, a.pools, a.ints,
+    return types.void(a.ints, i, i, i, i, a.table, v, v, a.ints, a.imgs, m, m, a.pools, a.ints,
                       v, a.ints, m, m, m, m, i)
 
 
 STEPS = (stem_rows, block_front, block_gate, block_back, conv1_pixels)
 _COMPILED = {}
+
+
+@intrinsic
+def step_function(typingctx, addr, k, wb):
+    """``STEPS[k]`` (k a constant) for arrays of wb's dtype, as a function value calling the
+    C callback at address ``addr`` (int64). Addresses travel in an int64 array: a tuple of
+    cfunc objects would cost ~0.2 ms of Python-side typing on every ``forward`` call."""
+    if not isinstance(k, types.IntegerLiteral):
+        return None
+    fty = types.FunctionType(step_signatures(wb.dtype)[k.literal_value])
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.create_struct_proxy(fty)(context, builder)    # the other fields: null
+        fn.c_addr = builder.inttoptr(args[0], cgutils.voidptr_t)
+        return fn._getvalue()
+    return fty(addr, k, wb), codegen
 
 
 def _cfunc(py_func, sig):
@@ -325,23 +347,23 @@ def _cfunc(py_func, sig):
 
 
 def compiled(dtype):
-    """``(task, steps)`` for ``dtype`` (float32 or float64), C callbacks made on first use:
-    the first two arguments of ``forward``."""
+    """``(task, step addresses)`` for ``dtype`` (float32 or float64), C callbacks made on first
+    use: the first two arguments of ``forward``."""
     key = np.dtype(dtype)
     if key not in _COMPILED:
         steps = tuple(_cfunc(f.py_func, sig) for f, sig in zip(STEPS, step_signatures(key)))
-        _COMPILED[key] = (_cfunc(task, task_signature(key)), steps)
-    return _COMPILED[key]
+        addrs = np.array([f.address for f in steps], dtype=np.int64)
+        _COMPILED[key] = (_cfunc(task, task_signature(key)), addrs, steps)   # steps: kept alive
+    return _COMPILED[key][:2]
 
 
 @njit(cache=True, parallel=True)
 def forward(task, steps, phases, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs,
             feats, pooled_t, hidden_t, logits_t, n0):
     """Run ``phases`` (M, 2): (phase, step) rows, each as T parallel calls of ``task`` with the
-    step functions ``steps`` (both from ``compiled(dtype)``)."""
-    s0, s1, s2, s3, s4 = steps
+    step functions' addresses ``steps`` (both from ``compiled(dtype)``)."""
     for m in range(phases.shape[0]):
         ph, i = phases[m, 0], phases[m, 1]
         for c in prange(T):     # c is uint64 inside the parallel loop: task takes an int64
-            task(s0, s1, s2, s3, s4, ph, i, np.int64(c), T, tab, wb, kc, fc, xs, ws, sc, pools,
+            task(steps, ph, i, np.int64(c), T, tab, wb, kc, fc, xs, ws, sc, pools,
                  sizes, trace, toffs, feats, pooled_t, hidden_t, logits_t, n0)
