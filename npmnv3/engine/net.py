@@ -136,7 +136,7 @@ class FoldedNet:
     def _forward(self, phases, T, tab, x, ws, sizes, tr, toffs, out, pooled_t, hidden_t,
                  logits_t, n0):
         p = self.plan
-        run.forward(run.compiled_task(self.dtype), phases, T, tab, p.wb, p.kc, p.fc, x, ws.ws,
+        run.forward(*run.compiled(self.dtype), phases, T, tab, p.wb, p.kc, p.fc, x, ws.ws,
                     ws.sc, ws.pools, sizes, tr, toffs, out, pooled_t, hidden_t, logits_t, n0)
 
     @staticmethod

@@ -90,10 +90,10 @@ def profile(net, x, reps: int = 7) -> list[dict]:
     toffs = np.zeros(len(tab), np.int64)
     phases = net.band_phases(tab, False)
     ws.pools[...] = 0.0
-    task = run.compiled_task(net.dtype)
+    fns = run.compiled(net.dtype)
 
     def call(ph):
-        run.forward(task, ph, T, tab, p.wb, p.kc, p.fc, x, ws.ws, ws.sc, ws.pools, szs, trace,
+        run.forward(*fns, ph, T, tab, p.wb, p.kc, p.fc, x, ws.ws, ws.sc, ws.pools, szs, trace,
                     toffs, feats, pooled_t, hidden_t, logits_t, 0)
 
     rows = []

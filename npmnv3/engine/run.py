@@ -26,7 +26,8 @@ from types import SimpleNamespace
 
 import numpy as np
 from numba import cfunc, njit, prange, types
-from numba.core import event
+from numba.core import cgutils, event
+from numba.extending import intrinsic
 
 from ..kernels.nhwc import (
     conv_rows,
@@ -199,10 +200,14 @@ def copy(dst, src, n):
         dst[i] = src[i]
 
 
-def task(ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs, feats, pooled_t,
-         hidden_t, logits_t, n0):
+def task(steps, ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs, feats,
+         pooled_t, hidden_t, logits_t, n0):
     """Task c of T of phase ``ph`` (of step i; image n0 in band phases). Every kernel is called
-    from one place only, for the whole-image (IMAGES) and the band phases alike."""
+    from one place only, for the whole-image (IMAGES) and the band phases alike. ``steps``: the
+    addresses of the step functions above, compiled as C callbacks (``compiled``)."""
+    stem_rows, block_front = step_function(steps[0], 0, wb), step_function(steps[1], 1, wb)
+    block_gate, block_back = step_function(steps[2], 2, wb), step_function(steps[3], 3, wb)
+    conv1_pixels = step_function(steps[4], 4, wb)
     act, dw, band, nacc, chan, sq = sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5]
     s = sc[c]
     E, acc, h = s[:band], s[band:band + nacc], s[band + nacc:band + nacc + sq]
@@ -273,44 +278,93 @@ def task(ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs, f
 # Numba links a callee's machine code into every caller that calls it directly, and optimises
 # and emits the linked module again at each level: the kernels, ``block_front``..., ``task``,
 # the parallel loop's body and ``forward`` each held a copy of the whole engine, and an empty
-# cache spent ~28 s there. So ``task`` is compiled once, as a C callback (a ``cfunc``, one per
-# dtype), and ``forward`` receives its address as an argument and calls it through a pointer:
-# the parallel loop is compiled without the engine inside it, and ``forward`` has one
-# signature per dtype whatever the callback.
+# cache spent ~28 s there (17 s once ``task`` alone was a callback, ~12.5 s now). So three
+# levels are compiled once each, as C callbacks (``cfunc``, one per dtype) called through
+# pointers: the step functions (``stem_rows``,
+# ``block_front``, ``block_gate``, ``block_back``, ``conv1_pixels``; each links only its own
+# kernels), ``task`` (which receives the steps' addresses as arguments, so it holds no copy of
+# them), and ``forward``'s parallel loop (which receives ``task``'s). Addresses travel as
+# arguments (the steps' in an int64 array, ``step_function`` turns one back into a callable),
+# never as globals, so every level stays cacheable, and ``forward`` has one
+# signature per dtype. A call through a pointer costs nanoseconds; there are a few per step.
+
+
+def _types(dtype):
+    """Numba types of the engine's arrays for ``dtype`` (a NumPy or Numba float type; every
+    array C-contiguous)."""
+    f = dtype if isinstance(dtype, types.Float) else types.float32 if np.dtype(
+        dtype) == np.float32 else types.float64
+    return SimpleNamespace(i=types.int64, ints=types.int64[::1], table=types.int64[:, ::1],
+                           vec=f[::1], mat2=f[:, ::1], img=f[:, :, ::1], imgs=f[:, :, :, ::1],
+                           pool=types.float64[::1], pools=types.float64[:, ::1])
+
+
+def step_signatures(dtype):
+    """The C signatures of the five step functions, in ``task``'s argument order."""
+    a = _types(dtype)
+    row, i, v, pool = a.ints, a.i, a.vec, a.pool
+    return (types.void(row, v, a.img, v, v, v, i, i),                       # stem_rows
+            types.void(row, v, v, v, v, v, v, pool, v, i, i),               # block_front
+            types.void(row, v, pool, v, v, v),                              # block_gate
+            types.void(row, v, v, v, v, v, v, i, i),                        # block_back
+            types.void(row, v, v, v, pool, v, i, i))                        # conv1_pixels
 
 
 def task_signature(dtype):
-    """The C signature of ``task`` for arrays of ``dtype`` (every array C-contiguous)."""
-    f = types.float32 if np.dtype(dtype) == np.float32 else types.float64
-    i, ints, table = types.int64, types.int64[::1], types.int64[:, ::1]
-    vec, mat2 = f[::1], f[:, ::1]
-    return types.void(i, i, i, i, table, vec, vec, ints, f[:, :, :, ::1], mat2, mat2,
-                      types.float64[:, ::1], ints, vec, ints, mat2, mat2, mat2, mat2, i)
+    """The C signature of ``task`` for arrays of ``dtype``."""
+    a = _types(dtype)
+    i, v, m = a.i, a.vec, a.mat2
+    return types.void(a.ints, i, i, i, i, a.table, v, v, a.ints, a.imgs, m, m, a.pools, a.ints,
+                      v, a.ints, m, m, m, m, i)
 
 
-_TASKS = {}
+STEPS = (stem_rows, block_front, block_gate, block_back, conv1_pixels)
+_COMPILED = {}
 
 
-def compiled_task(dtype):
-    """``task`` compiled for ``dtype`` (float32 or float64) as a C callback, made on first use
-    (loaded from Numba's cache when it is warm). Pass it to ``forward``."""
+@intrinsic
+def step_function(typingctx, addr, k, wb):
+    """``STEPS[k]`` (k a constant) for arrays of wb's dtype, as a function value calling the
+    C callback at address ``addr`` (int64). Addresses travel in an int64 array: a tuple of
+    cfunc objects would cost ~0.2 ms of Python-side typing on every ``forward`` call."""
+    if not isinstance(k, types.IntegerLiteral):
+        return None
+    fty = types.FunctionType(step_signatures(wb.dtype)[k.literal_value])
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.create_struct_proxy(fty)(context, builder)    # the other fields: null
+        fn.c_addr = builder.inttoptr(args[0], cgutils.voidptr_t)
+        return fn._getvalue()
+    return fty(addr, k, wb), codegen
+
+
+def _cfunc(py_func, sig):
+    """``py_func`` compiled as a C callback (loaded from Numba's cache when it is warm). A
+    cfunc fires no compile event of its own: announce it like a dispatcher's, so the
+    benchmark's per-function compile times (numba:compile listeners) include it."""
+    with event.trigger_event("numba:compile", data={"dispatcher": SimpleNamespace(
+            py_func=py_func)}):
+        return cfunc(sig, cache=True)(py_func)
+
+
+def compiled(dtype):
+    """``(task, step addresses)`` for ``dtype`` (float32 or float64), C callbacks made on first
+    use: the first two arguments of ``forward``."""
     key = np.dtype(dtype)
-    if key not in _TASKS:
-        # a cfunc fires no compile event of its own: announce it like a dispatcher's, so the
-        # benchmark's per-function compile times (numba:compile listeners) include it
-        with event.trigger_event("numba:compile", data={"dispatcher": SimpleNamespace(
-                py_func=task)}):
-            _TASKS[key] = cfunc(task_signature(key), cache=True)(task)
-    return _TASKS[key]
+    if key not in _COMPILED:
+        steps = tuple(_cfunc(f.py_func, sig) for f, sig in zip(STEPS, step_signatures(key)))
+        addrs = np.array([f.address for f in steps], dtype=np.int64)
+        _COMPILED[key] = (_cfunc(task, task_signature(key)), addrs, steps)   # steps: kept alive
+    return _COMPILED[key][:2]
 
 
 @njit(cache=True, parallel=True)
-def forward(task, phases, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs, feats,
-            pooled_t, hidden_t, logits_t, n0):
-    """Run ``phases`` (M, 2): (phase, step) rows, each as T parallel calls of ``task``
-    (``compiled_task(dtype)``)."""
+def forward(task, steps, phases, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs,
+            feats, pooled_t, hidden_t, logits_t, n0):
+    """Run ``phases`` (M, 2): (phase, step) rows, each as T parallel calls of ``task`` with the
+    step functions' addresses ``steps`` (both from ``compiled(dtype)``)."""
     for m in range(phases.shape[0]):
         ph, i = phases[m, 0], phases[m, 1]
         for c in prange(T):     # c is uint64 inside the parallel loop: task takes an int64
-            task(ph, i, np.int64(c), T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace,
-                 toffs, feats, pooled_t, hidden_t, logits_t, n0)
+            task(steps, ph, i, np.int64(c), T, tab, wb, kc, fc, xs, ws, sc, pools,
+                 sizes, trace, toffs, feats, pooled_t, hidden_t, logits_t, n0)
