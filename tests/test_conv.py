@@ -12,7 +12,7 @@ from npmnv3.kernels import (
     pointwise_backward,
     pointwise_forward,
 )
-from npmnv3.kernels.channels_last import FLAT_MAX_CHANNELS, flat_taps
+from npmnv3.kernels.channels_last_conv import FLAT_MAX_CHANNELS, flat_taps
 
 DTYPES = [np.float32, np.float64]
 IMPLS = ("naive", "fast")

@@ -43,11 +43,6 @@ from .channels_last import (
     affine_act,
     band_rows,
     bn_dx,
-    conv_bwd_weight,
-    conv_fwd,
-    depthwise_bwd,
-    depthwise_fwd,
-    flat_taps,
     grad_band_rows,
     grad_sums,
     kernel_consts,
@@ -57,6 +52,7 @@ from .channels_last import (
     pointwise_fwd,
     to_nhwc,
 )
+from .channels_last_conv import conv_bwd_weight, conv_fwd, depthwise_bwd, depthwise_fwd, flat_taps
 from .conv2d import (
     DIRECT_MAX_TAPS,
     Conv2dCache,

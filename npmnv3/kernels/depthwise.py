@@ -29,15 +29,13 @@ from numba import njit, prange
 
 from ._checks import check_array, check_conv_geometry, check_shape, choose_impl
 from .channels_last import (
-    depthwise_bwd,
-    depthwise_fwd,
-    flat_taps,
     kernel_consts,
     nchw_view,
     num_tasks,
     plain_coefs,
     to_nhwc,
 )
+from .channels_last_conv import depthwise_bwd, depthwise_fwd, flat_taps
 from .epilogue import apply_act
 
 
@@ -210,7 +208,7 @@ _dw_fwd = njit(cache=True, parallel=True)(_dw_fwd_loops)
 
 def depthwise_forward_fast(x, w, b=None, *, stride=1, padding=0, dilation=1):
     """Same contract as ``depthwise_forward_naive``, on channels-last memory
-    (``channels_last.depthwise_fwd``: every tap a multiply-add vectorised over channels; tasks
+    (``channels_last_conv.depthwise_fwd``: every tap a multiply-add vectorised over channels; tasks
     are images and bands of rows); the output is channels-last too."""
     Ho, Wo = _check_args(x, w, b, stride, padding, dilation)
     xl = to_nhwc(x)                                                 # (N, H, W, C)
@@ -233,7 +231,7 @@ def _taps(w):
 
 def depthwise_backward_fast(dout, cache: DepthwiseCache):
     """Same contract as ``depthwise_backward_naive``; one pass per image computes dx, dw and db
-    (``channels_last.depthwise_bwd``, vectorised over channels)."""
+    (``channels_last_conv.depthwise_bwd``, vectorised over channels)."""
     _check_dout(dout, cache)
     x, w, has_bias, s, p, d = cache
     xl, dl = to_nhwc(x), to_nhwc(dout)

@@ -1,0 +1,270 @@
+"""Channels-last (NHWC) Numba loops of the spatial convolutions behind the fast training
+kernels: the depthwise convolution (every tap a multiply-add vectorised over channels, or over a
+whole flattened row for stride 1 and few channels) and the stem's dense convolution (im2col by
+bands of rows, one GEMM per band).
+
+The conventions (layout, tasks, the batch statistics taken on each band in the forward, dL/dy
+formed per band from ``bc`` / ``mode`` in the backward, ``kc``) are ``channels_last.py``'s; its
+helpers ``_band_stats``, ``_merge_stats`` and ``_dy_rows`` are used as they are.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .channels_last import _band_stats, _dy_rows, _merge_stats
+
+_jit = njit(cache=True)
+_par = njit(cache=True, parallel=True)
+
+# ----------------------------------------------------------------------------- depthwise
+
+@_jit
+def _col_range(off, s, W, Wo):
+    """Output columns j whose tap input column j*s + off lies inside [0, W): (jlo, jhi)."""
+    jlo = 0 if off >= 0 else (-off + s - 1) // s
+    jhi = min(Wo, (W - 1 - off) // s + 1)
+    return jlo, max(jlo, jhi)
+
+
+@_jit
+def _tile(w, Wo):
+    """(k*k, Wo*C): each tap's channel weights repeated for every output column, so that with
+    stride 1 a tap is one contiguous multiply-add over a whole flattened row."""
+    kk, C = w.shape
+    out = np.empty((kk, Wo * C), dtype=w.dtype)
+    for r in range(kk):
+        for j in range(Wo):
+            for c in range(C):
+                out[r, j * C + c] = w[r, c]
+    return out
+
+
+FLAT_MAX_CHANNELS = 128    # measured on MobileNetV3-Large's depthwise layers (AVX2): 16 and 72
+#                            channels gain 2x / 1.2x from flat taps, 120 and more lose 0-20 %
+
+
+def flat_taps(geom, C) -> bool:
+    """Whether the depthwise loops run each tap over a flattened row (``_tile``): stride 1 and
+    few channels; with many, the per-pixel channel loop is long enough to vectorise and the
+    tiled weights would only cost cache."""
+    return geom[1] == 1 and C < FLAT_MAX_CHANNELS
+
+
+@_par
+def depthwise_fwd(x, w, b, geom, flat, rb, stats, y, mv):
+    """y[n, i, j, c] = b[c] + sum_{u,v} w[u*k + v, c] * x[n, i*s-p+u*d, j*s-p+v*d, c] (zero
+    outside), x (N, H, W, C), w (k*k, C), y (N, Ho, Wo, C); tasks: (image, band of rb rows);
+    with ``stats`` the batch mean and variance of y go to mv (2, C). With ``flat``
+    (``flat_taps``) each tap is one loop over the flattened row of Wo*C values; else one loop
+    over C per pixel."""
+    N, H, W, C = x.shape
+    k, s, p, d = geom
+    Ho, Wo = y.shape[1], y.shape[2]
+    nb = (Ho + rb - 1) // rb
+    T = N * nb
+    cnt = np.zeros((T, 1))
+    mean = np.zeros((T, C))
+    m2 = np.zeros((T, C))
+    wr = _tile(w, Wo) if flat else w
+    for t in prange(T):
+        n, i0 = t // nb, (t % nb) * rb
+        yn = y[n].reshape(Ho * Wo, C)
+        for i in range(i0, min(Ho, i0 + rb)):
+            acc = y[n, i]                                     # (Wo, C), accumulated in place
+            for j in range(Wo):
+                for c in range(C):
+                    acc[j, c] = b[c]
+            af = acc.reshape(Wo * C)
+            for u in range(k):
+                ii = i * s - p + u * d
+                if ii < 0 or ii >= H:
+                    continue
+                row = x[n, ii]                                # (W, C)
+                for v in range(k):
+                    off = v * d - p
+                    jlo, jhi = _col_range(off, s, W, Wo)
+                    if flat:                  # slices indexed by range variables only: no
+                        q0, q1 = jlo * C, jhi * C         # wrap-around check, so LLVM
+                        a_, w_ = af[q0:q1], wr[u * k + v, q0:q1]          # vectorises
+                        x_ = row.reshape(W * C)[q0 + off * C:q1 + off * C]
+                        for q in range(q1 - q0):
+                            a_[q] += w_[q] * x_[q]
+                        continue
+                    wt = w[u * k + v]
+                    for j in range(jlo, jhi):
+                        a, xv = acc[j], row[j * s + off]
+                        for c in range(C):
+                            a[c] += wt[c] * xv[c]
+            if stats:
+                _band_stats(yn, i * Wo, (i + 1) * Wo, cnt[t], mean[t], m2[t])
+    if stats:
+        _merge_stats(cnt, mean, m2, mv)
+
+
+@_par
+def depthwise_bwd(x, y, dz, w, bc, act, mode, kc, geom, flat, dx, dw, db):
+    """Backward of ``depthwise_fwd`` (after batch norm + act, see ``mode``): per image, each
+    output row's dL/dy is formed in a scratch row, then scattered into dx (N, H, W, C) and
+    gathered into dw (k*k, C) and db (C,). With ``flat`` (as in the forward) each tap runs over
+    the flattened row, the dw and db partial sums kept per (tap, column, channel) over the
+    image's rows, then summed over columns; float64 sums per image, merged in image order."""
+    N, H, W, C = x.shape
+    k, s, p, d = geom
+    Ho, Wo = dz.shape[1], dz.shape[2]
+    M = np.float64(N * Ho * Wo)
+    part = np.zeros((N, k * k + 1, C))
+    wr = _tile(w, Wo) if flat else w
+    for n in prange(N):
+        g = np.empty((Wo, C), dtype=x.dtype)
+        gf = g.reshape(Wo * C)
+        prt = np.empty(C, dtype=x.dtype)
+        racc = np.zeros((k * k + 1, Wo * C), dtype=x.dtype)   # per-column partials
+        acc = part[n]
+        dxn = dx[n]
+        for ii in range(H):
+            for jj in range(W):
+                for c in range(C):
+                    dxn[ii, jj, c] = 0
+        yn = y[n].reshape(Ho * Wo, C)
+        dzn = dz[n].reshape(Ho * Wo, C)
+        for i in range(Ho):
+            _dy_rows(yn, dzn, i * Wo, (i + 1) * Wo, bc, act, mode, M, kc, g)
+            rb = racc[k * k]
+            for q in range(Wo * C):
+                rb[q] += gf[q]
+            for u in range(k):
+                ii = i * s - p + u * d
+                if ii < 0 or ii >= H:
+                    continue
+                xrow, dxrow = x[n, ii], dxn[ii]
+                for v in range(k):
+                    off = v * d - p
+                    jlo, jhi = _col_range(off, s, W, Wo)
+                    if flat:
+                        q0, q1 = jlo * C, jhi * C
+                        o0, o1 = q0 + off * C, q1 + off * C
+                        x_, d_ = xrow.reshape(W * C)[o0:o1], dxrow.reshape(W * C)[o0:o1]
+                        w_, r_, g_ = wr[u * k + v, q0:q1], racc[u * k + v, q0:q1], gf[q0:q1]
+                        for q in range(q1 - q0):
+                            d_[q] += w_[q] * g_[q]
+                            r_[q] += g_[q] * x_[q]
+                        continue
+                    wt = w[u * k + v]
+                    for c in range(C):
+                        prt[c] = 0
+                    for j in range(jlo, jhi):
+                        gj, xv, dv = g[j], xrow[j * s + off], dxrow[j * s + off]
+                        for c in range(C):
+                            dv[c] += wt[c] * gj[c]
+                            prt[c] += gj[c] * xv[c]
+                    a = acc[u * k + v]
+                    for c in range(C):
+                        a[c] += prt[c]
+        for r in range(k * k + 1):                 # the per-column partials (db: always)
+            if not flat and r < k * k:
+                continue
+            a, ra = acc[r], racc[r]
+            for j in range(Wo):
+                for c in range(C):
+                    a[c] += ra[j * C + c]
+    for r in range(k * k + 1):
+        for c in range(C):
+            sm = 0.0
+            for n in range(N):
+                sm += part[n, r, c]
+            if r < k * k:
+                dw[r, c] = sm
+            else:
+                db[c] = sm
+
+
+# ----------------------------------------------------------------------------- dense conv (stem)
+
+@_jit
+def _im2col_rows(x, n, geom, r0, r1, Wo, ct):
+    """ct (C*k*k, (r1-r0)*Wo): row (c*k + u)*k + v holds x[n, c, i*s-p+u*d, j*s-p+v*d] for the
+    output rows i in [r0, r1) and every column j (zero outside the image)."""
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    k, s, p, d = geom
+    for c in range(C):
+        for u in range(k):
+            for v in range(k):
+                row = ct[(c * k + u) * k + v]
+                off = v * d - p
+                jlo, jhi = _col_range(off, s, W, Wo)
+                for i in range(r0, r1):
+                    base = (i - r0) * Wo
+                    ii = i * s - p + u * d
+                    if ii < 0 or ii >= H:
+                        for j in range(Wo):
+                            row[base + j] = 0
+                        continue
+                    xr = x[n, c, ii]
+                    for j in range(jlo):
+                        row[base + j] = 0
+                    for j in range(jlo, jhi):
+                        row[base + j] = xr[j * s + off]
+                    for j in range(jhi, Wo):
+                        row[base + j] = 0
+
+
+@_par
+def conv_fwd(x, wcol, geom, rb, stats, y, mv):
+    """Dense conv of an NCHW input with few channels (the stem) into NHWC: per task (image,
+    band of rb output rows) the transposed im2col ct (C*k*k, rb*Wo) and one GEMM
+    y_band (rb*Wo, K) = ct^T @ wcol (C*k*k, K); statistics of y as in ``pointwise_fwd``."""
+    N = x.shape[0]
+    CKK, K = wcol.shape
+    Ho, Wo = y.shape[1], y.shape[2]
+    nb = (Ho + rb - 1) // rb
+    T = N * nb
+    cnt = np.zeros((T, 1))
+    mean = np.zeros((T, K))
+    m2 = np.zeros((T, K))
+    for t in prange(T):
+        n, r0 = t // nb, (t % nb) * rb
+        r1 = min(Ho, r0 + rb)
+        L = (r1 - r0) * Wo
+        ct = np.empty((CKK, L), dtype=x.dtype)
+        _im2col_rows(x, n, geom, r0, r1, Wo, ct)
+        yn = y[n].reshape(Ho * Wo, K)
+        np.dot(ct.T, wcol, yn[r0 * Wo:r1 * Wo])
+        if stats:
+            _band_stats(yn, r0 * Wo, r1 * Wo, cnt[t], mean[t], m2[t])
+    if stats:
+        _merge_stats(cnt, mean, m2, mv)
+
+
+@_par
+def conv_bwd_weight(x, y, dz, bc, act, mode, kc, geom, rb, dw):
+    """dW of ``conv_fwd`` (C*k*k, K) = sum over bands of ct @ dy_band (dL/dy formed per band
+    as in ``pointwise_bwd``); float64 sums per task, merged in task order."""
+    N = x.shape[0]
+    Ho, Wo, K = dz.shape[1], dz.shape[2], dz.shape[3]
+    CKK = dw.shape[0]
+    M = np.float64(N * Ho * Wo)
+    nb = (Ho + rb - 1) // rb
+    T = N * nb
+    part = np.zeros((T, CKK, K))
+    for t in prange(T):
+        n, r0 = t // nb, (t % nb) * rb
+        r1 = min(Ho, r0 + rb)
+        L = (r1 - r0) * Wo
+        ct = np.empty((CKK, L), dtype=x.dtype)
+        g = np.empty((L, K), dtype=x.dtype)
+        tmp = np.empty((CKK, K), dtype=x.dtype)
+        _im2col_rows(x, n, geom, r0, r1, Wo, ct)
+        _dy_rows(y[n].reshape(Ho * Wo, K), dz[n].reshape(Ho * Wo, K), r0 * Wo, r1 * Wo, bc,
+                 act, mode, M, kc, g)
+        np.dot(ct, g, tmp)
+        for r in range(CKK):
+            for c in range(K):
+                part[t, r, c] += tmp[r, c]
+    for r in range(CKK):
+        for c in range(K):
+            sm = 0.0
+            for t in range(T):
+                sm += part[t, r, c]
+            dw[r, c] = sm
