@@ -388,3 +388,9 @@ def scale_add_pixels(d3, g, share, out):
     """out[n, q, c] = d3[n, q, c] * g[n, c] + share[n, c]: SE's dx (the scale's branch plus
     the squeeze's, whose gradient is the same on every pixel)."""
     run_tasks(_scale_add_pixels_tasks, len(d3), d3.shape, (d3, g, share, out))
+
+
+# The backward's task kernels of this module, in the order a training step first calls them:
+# compiled by a helper process while a first training forward runs (``convbn``).
+BACKWARD_TASKS = (_grad_sums_tasks, _pointwise_bwd_tasks, _dot_pixels_tasks,
+                  _scale_add_pixels_tasks)

@@ -310,3 +310,7 @@ def conv_bwd_weight(x, y, dz, bc, act, mode, kc, geom, rb, dw):
     run_tasks(_conv_bwd_weight_tasks, T, _stem_sizes(x, dz, geom, rb) + (act, mode),
               (x, y, dz, kc), (bc, part))
     sum_parts(part, dw)
+
+
+# The backward's task kernels of this module, in the order a training step first calls them.
+BACKWARD_TASKS = (_depthwise_bwd_tasks, _conv_bwd_weight_tasks)

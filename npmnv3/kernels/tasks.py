@@ -32,13 +32,13 @@ single-threaded inside the tasks (``threads.single_threaded_blas``, held by the 
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numba
 import numpy as np
-from numba import cfunc, njit, prange, types
-from numba.core import cgutils, event
+from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
+
+from .callbacks import Callback
 
 F_SLOTS, D_SLOTS = 7, 2          # arrays of the data's dtype, float64 arrays
 
@@ -50,28 +50,10 @@ def task_signature(dtype):
                       *([f[::1]] * F_SLOTS), *([types.float64[::1]] * D_SLOTS))
 
 
-class TaskKernel:
-    """A serial task loop and its C callbacks, one per dtype, made on first use."""
-
-    def __init__(self, py_func):
-        self.py_func = py_func
-        self.__name__, self.__doc__ = py_func.__name__, py_func.__doc__
-        self._callbacks = {}
-
-    def address(self, dtype) -> int:
-        key = np.dtype(dtype)
-        if key not in self._callbacks:
-            # A cfunc fires no compile event of its own: announce it as a dispatcher would, so
-            # the benchmarks' per-function compile times (numba:compile listeners) include it.
-            data = {"dispatcher": SimpleNamespace(py_func=self.py_func)}
-            with event.trigger_event("numba:compile", data=data):
-                self._callbacks[key] = cfunc(task_signature(key), cache=True)(self.py_func)
-        return self._callbacks[key].address
-
-
-def task_kernel(py_func) -> TaskKernel:
-    """Decorator of every task loop: ``kernel(t0, t1, sz, a, b, c, d, e, f, g, u, v)``."""
-    return TaskKernel(py_func)
+def task_kernel(py_func) -> Callback:
+    """Decorator of every task loop ``kernel(t0, t1, sz, a, b, c, d, e, f, g, u, v)``: a C
+    callback of ``task_signature`` (``callbacks.Callback``), compiled on first use per dtype."""
+    return Callback(py_func, task_signature)
 
 
 @intrinsic
@@ -106,7 +88,7 @@ _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32),
           np.dtype(np.float64): np.empty(0, np.float64)}      # the unused slots
 
 
-def run_tasks(kernel: TaskKernel, T: int, sizes, arrays=(), doubles=()) -> None:
+def run_tasks(kernel: Callback, T: int, sizes, arrays=(), doubles=()) -> None:
     """Tasks [0, T) of ``kernel``; ``sizes`` its int64 sizes and flags, ``arrays`` (<= 7, of one
     float dtype) and ``doubles`` (<= 2, float64) any C-contiguous arrays, passed flat."""
     dtype = arrays[0].dtype
