@@ -165,7 +165,6 @@ def _affine_act_tasks(t0, t1, sz, y, kc, out, pre, _e, _f, _g, bc, _v):
     """sz = (P, K, T, act, rows of pre); bc (6, K)."""
     P, K, T, act, keep = sz[0], sz[1], sz[2], sz[3], sz[4] == sz[0]
     y, out, bc = y.reshape(P, K), out.reshape(P, K), bc.reshape(6, K)
-    pre = pre.reshape(sz[4], K)
     a, b = bc[0], bc[1]
     z, three, six = kc[0], kc[1], kc[2]
     for t in range(t0, t1):
@@ -177,8 +176,11 @@ def _affine_act_tasks(t0, t1, sz, y, kc, out, pre, _e, _f, _g, bc, _v):
             else:
                 for c in range(K):
                     orow[c] = apply_act(y.dtype.type(a[c] * yr[c] + b[c]), act, z, three, six)
-            if keep:
-                pr = pre[q]
+    if keep:       # its own pass: stored in the loop above, it made that loop 3x slower
+        pre = pre.reshape(P, K)
+        for t in range(t0, t1):
+            for q in range(t * P // T, (t + 1) * P // T):
+                yr, pr = y[q], pre[q]
                 for c in range(K):
                     pr[c] = y.dtype.type(a[c] * yr[c] + b[c])
 
