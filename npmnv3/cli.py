@@ -21,7 +21,7 @@ for all of them:
   was interrupted (nothing half-written is left: every file is written atomically);
 * warnings are printed as one ``npmnv3 CMD: warning: ...`` line;
 * before a command that runs Numba kernels on a machine where none is compiled yet, one line
-  says so (compiling takes ~20-30 s, once).
+  says so (compiling takes ~10-20 s, once).
 """
 
 from __future__ import annotations

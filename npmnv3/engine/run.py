@@ -25,10 +25,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
-from numba import cfunc, njit, prange, types
-from numba.core import cgutils, event
+from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ..kernels.callbacks import Callback, compile_ahead
 from ..kernels.nhwc import (
     conv_rows,
     depthwise_rows,
@@ -287,6 +288,8 @@ def task(steps, ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, t
 # arguments (the steps' in an int64 array, ``step_function`` turns one back into a callable),
 # never as globals, so every level stays cacheable, and ``forward`` has one
 # signature per dtype. A call through a pointer costs nanoseconds; there are a few per step.
+# Fixed signatures also let a helper process compile half of the callbacks on an empty cache
+# (``compiled``; Large: 14.2 -> 9.6-10.2 s to the first prediction, benchmarks/README.md).
 
 
 def _types(dtype):
@@ -338,24 +341,27 @@ def step_function(typingctx, addr, k, wb):
     return fty(addr, k, wb), codegen
 
 
-def _cfunc(py_func, sig):
-    """``py_func`` compiled as a C callback (loaded from Numba's cache when it is warm). A
-    cfunc fires no compile event of its own: announce it like a dispatcher's, so the
-    benchmark's per-function compile times (numba:compile listeners) include it."""
-    with event.trigger_event("numba:compile", data={"dispatcher": SimpleNamespace(
-            py_func=py_func)}):
-        return cfunc(sig, cache=True)(py_func)
+# The steps and ``task`` as ``Callback`` objects (kernels/callbacks.py): one C callback per
+# dtype, made on first use, and ``compile_ahead`` can hand some to a helper process.
+_STEP_CALLBACKS = tuple(Callback(f.py_func, lambda dt, k=k: step_signatures(dt)[k])
+                        for k, f in enumerate(STEPS))
+_TASK = Callback(task, task_signature)
+_HELPER_STEPS = (1, 3)      # block_front, block_back: about half of the compile work
 
 
 def compiled(dtype):
     """``(task, step addresses)`` for ``dtype`` (float32 or float64), C callbacks made on first
-    use: the first two arguments of ``forward``."""
+    use: the first two arguments of ``forward``. On an empty Numba cache a helper process
+    compiles ``block_front`` and ``block_back`` while this one compiles ``task`` and the other
+    steps; then those two load from the cache."""
     key = np.dtype(dtype)
     if key not in _COMPILED:
-        steps = tuple(_cfunc(f.py_func, sig) for f, sig in zip(STEPS, step_signatures(key)))
-        addrs = np.array([f.address for f in steps], dtype=np.int64)
-        _COMPILED[key] = (_cfunc(task, task_signature(key)), addrs, steps)   # steps: kept alive
-    return _COMPILED[key][:2]
+        compile_ahead([_STEP_CALLBACKS[k] for k in _HELPER_STEPS], key)
+        fn = _TASK.compiled(key)
+        mine = [k for k in range(len(STEPS)) if k not in _HELPER_STEPS]
+        addrs = {k: _STEP_CALLBACKS[k].address(key) for k in mine + list(_HELPER_STEPS)}
+        _COMPILED[key] = (fn, np.array([addrs[k] for k in range(len(STEPS))], dtype=np.int64))
+    return _COMPILED[key]
 
 
 @njit(cache=True, parallel=True)

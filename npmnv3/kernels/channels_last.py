@@ -9,8 +9,9 @@ The fast kernels take and return NCHW arrays (torch's shapes) whose memory is ch
 GEMM (forward Y = X W^T, dX = dY W, dW = dY^T X); the depthwise, batch-norm and SE loops keep
 the channel index innermost, so LLVM vectorises them over channels whatever the image size.
 
-All parallelism is Numba's: each kernel is one ``prange`` over tasks, and a GEMM inside a task
-is a single-threaded BLAS call (``np.dot`` -> SciPy's cython_blas; the callers hold
+Each kernel is a serial Numba loop over a range of tasks, spread over threads by
+``tasks.run_tasks`` (why not ``prange``: see ``tasks.py``); a GEMM inside a task is a
+single-threaded BLAS call (``np.dot`` -> SciPy's cython_blas; the callers hold
 ``threads.single_threaded_blas()``), so the two pools of a 2-core machine never fight.
 
 Batch norm rides along (``bc``, ``mode``): the forward convolutions also return the batch
@@ -35,12 +36,12 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .epilogue import act_grad, apply_act, consts
+from .tasks import run_tasks, stat_parts, stat_views, sum_parts, task_kernel
 
 _jit = njit(cache=True)
-_par = njit(cache=True, parallel=True)
 BAND_BYTES = 1 << 18        # a band of pixel rows (inputs + outputs) sized to stay in L2
 
 
@@ -112,10 +113,11 @@ def _band_stats(y, r0, r1, cnt, mean, m2):
 
 
 @_jit
-def _merge_stats(cnt, mean, m2, mv):
-    """Chan-merge the T task statistics (cnt (T, 1), mean (T, K), m2 (T, K)) in task order into
+def _merge_stats(st, T, mv):
+    """Chan-merge the T task statistics of ``st`` (``tasks.stat_parts``) in task order into
     mv (2, K): the mean and the biased variance."""
-    T, K = mean.shape
+    K = mv.shape[1]
+    cnt, mean, m2 = stat_views(st, T, K)
     c0 = 0.0
     for c in range(K):
         mv[0, c] = 0.0
@@ -134,31 +136,38 @@ def _merge_stats(cnt, mean, m2, mv):
         mv[1, c] = max(mv[1, c] / c0, 0.0)
 
 
-@_par
-def batch_stats(y, T, mv):
-    """mv (2, K) = the mean and biased variance of each column of y (P, K)."""
-    P, K = y.shape
-    cnt = np.zeros((T, 1))
-    mean = np.zeros((T, K))
-    m2 = np.zeros((T, K))
-    for t in prange(T):
+# Task kernels (``tasks.py``): ``kernel(t0, t1, sz, a..g, u, v)``, the order of ``n`` and of
+# the array slots given on each; the public function under each packs them and merges.
+
+@task_kernel
+def _batch_stats_tasks(t0, t1, sz, y, _b, _c, _d, _e, _f, _g, st, _v):
+    """sz = (P, K, T); y (P, K); st: ``stat_parts``."""
+    P, K, T = sz[0], sz[1], sz[2]
+    y = y.reshape(P, K)
+    cnt, mean, m2 = stat_views(st, T, K)
+    for t in range(t0, t1):
         lo, hi = t * P // T, (t + 1) * P // T
         for r0 in range(lo, hi, 256):
             _band_stats(y, r0, min(hi, r0 + 256), cnt[t], mean[t], m2[t])
-    _merge_stats(cnt, mean, m2, mv)
+
+
+def batch_stats(y, T, mv):
+    """mv (2, K) = the mean and biased variance of each column of y (P, K)."""
+    st = stat_parts(T, y.shape[1])
+    run_tasks(_batch_stats_tasks, T, (*y.shape, T), (y,), (st,))
+    _merge_stats(st, T, mv)
 
 
 # ----------------------------------------------------------------------------- element-wise
 
-@_par
-def affine_act(y, bc, act, kc, T, out, pre):
-    """out (P, K) = act(alpha * y + beta) (the pre-activation in float64, rounded to y's dtype,
-    as torch's eval kernel's FMA); also into ``pre`` if it has P rows."""
-    P, K = y.shape
-    keep = pre.shape[0] == P
+@task_kernel
+def _affine_act_tasks(t0, t1, sz, y, kc, out, pre, _e, _f, _g, bc, _v):
+    """sz = (P, K, T, act, rows of pre); bc (6, K)."""
+    P, K, T, act, keep = sz[0], sz[1], sz[2], sz[3], sz[4] == sz[0]
+    y, out, bc = y.reshape(P, K), out.reshape(P, K), bc.reshape(6, K)
     a, b = bc[0], bc[1]
     z, three, six = kc[0], kc[1], kc[2]
-    for t in prange(T):
+    for t in range(t0, t1):
         for q in range(t * P // T, (t + 1) * P // T):
             yr, orow = y[q], out[q]
             if act == 0:
@@ -167,20 +176,29 @@ def affine_act(y, bc, act, kc, T, out, pre):
             else:
                 for c in range(K):
                     orow[c] = apply_act(y.dtype.type(a[c] * yr[c] + b[c]), act, z, three, six)
-            if keep:
-                pr = pre[q]
+    if keep:       # its own pass: stored in the loop above, it made that loop 3x slower
+        pre = pre.reshape(P, K)
+        for t in range(t0, t1):
+            for q in range(t * P // T, (t + 1) * P // T):
+                yr, pr = y[q], pre[q]
                 for c in range(K):
                     pr[c] = y.dtype.type(a[c] * yr[c] + b[c])
 
 
-@_par
-def grad_sums(y, dz, bc, act, kc, T, sums):
-    """sums (2, K) float64: sum of g and of g * (y - mean), g = act'(alpha*y + beta) * dz."""
-    P, K = y.shape
+def affine_act(y, bc, act, kc, T, out, pre):
+    """out (P, K) = act(alpha * y + beta) (the pre-activation in float64, rounded to y's dtype,
+    as torch's eval kernel's FMA); also into ``pre`` if it has P rows."""
+    run_tasks(_affine_act_tasks, T, (*y.shape, T, act, len(pre)), (y, kc, out, pre), (bc,))
+
+
+@task_kernel
+def _grad_sums_tasks(t0, t1, sz, y, dz, kc, _d, _e, _f, _g, bc, part):
+    """sz = (P, K, T, act); y, dz (P, K); bc (6, K); part (T, 2, K)."""
+    P, K, T, act = sz[0], sz[1], sz[2], sz[3]
+    y, dz, bc, part = y.reshape(P, K), dz.reshape(P, K), bc.reshape(6, K), part.reshape(T, 2, K)
     a, b, mu = bc[0], bc[1], bc[2]
     z, three, half = kc[0], kc[1], kc[3]
-    part = np.zeros((T, 2, K))
-    for t in prange(T):
+    for t in range(t0, t1):
         sb, sw = part[t, 0], part[t, 1]
         for q in range(t * P // T, (t + 1) * P // T):
             yr, dr = y[q], dz[q]
@@ -189,13 +207,13 @@ def grad_sums(y, dz, bc, act, kc, T, sums):
                                         three, half))
                 sb[c] += g
                 sw[c] += g * (yr[c] - mu[c])
-    for c in range(K):
-        sums[0, c] = 0.0
-        sums[1, c] = 0.0
-    for t in range(T):
-        for c in range(K):
-            sums[0, c] += part[t, 0, c]
-            sums[1, c] += part[t, 1, c]
+
+
+def grad_sums(y, dz, bc, act, kc, T, sums):
+    """sums (2, K) float64: sum of g and of g * (y - mean), g = act'(alpha*y + beta) * dz."""
+    part = np.zeros((T, 2, y.shape[1]))
+    run_tasks(_grad_sums_tasks, T, (*y.shape, T, act), (y, dz, kc), (bc, part))
+    sum_parts(part, sums)
 
 
 @_jit
@@ -219,48 +237,57 @@ def _dy_rows(y, dz, r0, r1, bc, act, mode, M, kc, out):
                 o[c] = k1[c] * g
 
 
-@_par
-def bn_dx(y, dz, bc, act, mode, kc, T, dx):
-    """dx (P, K) = dL/dy of every row (batch norm + act's own backward)."""
-    P, K = y.shape
+@task_kernel
+def _bn_dx_tasks(t0, t1, sz, y, dz, kc, dx, _e, _f, _g, bc, _v):
+    """sz = (P, K, T, act, mode); y, dz, dx (P, K); bc (6, K)."""
+    P, K, T, act, mode = sz[0], sz[1], sz[2], sz[3], sz[4]
+    y, dz, dx, bc = y.reshape(P, K), dz.reshape(P, K), dx.reshape(P, K), bc.reshape(6, K)
     M = np.float64(P)
-    for t in prange(T):
+    for t in range(t0, t1):
         lo, hi = t * P // T, (t + 1) * P // T
         _dy_rows(y, dz, lo, hi, bc, act, mode, M, kc, dx[lo:hi])
 
 
+def bn_dx(y, dz, bc, act, mode, kc, T, dx):
+    """dx (P, K) = dL/dy of every row (batch norm + act's own backward)."""
+    run_tasks(_bn_dx_tasks, T, (*y.shape, T, act, mode), (y, dz, kc, dx), (bc,))
+
+
 # ----------------------------------------------------------------------------- 1x1 convolution
 
-@_par
-def pointwise_fwd(x, wt, R, T, stats, y, mv):
-    """y (P, K) = x (P, C) @ wt (C, K), by bands of R rows (one GEMM each); with ``stats`` the
-    batch mean and variance of y go to mv (2, K)."""
-    P = x.shape[0]
-    K = wt.shape[1]
-    cnt = np.zeros((T, 1))
-    mean = np.zeros((T, K))
-    m2 = np.zeros((T, K))
-    for t in prange(T):
+@task_kernel
+def _pointwise_fwd_tasks(t0, t1, sz, x, wt, y, _d, _e, _f, _g, st, _v):
+    """sz = (P, C, K, R, T, stats); x (P, C), wt (C, K), y (P, K); st: ``stat_parts``."""
+    P, C, K, R, T, stats = sz[0], sz[1], sz[2], sz[3], sz[4], sz[5]
+    x, wt, y = x.reshape(P, C), wt.reshape(C, K), y.reshape(P, K)
+    cnt, mean, m2 = stat_views(st, T, K)
+    for t in range(t0, t1):
         lo, hi = t * P // T, (t + 1) * P // T
         for r0 in range(lo, hi, R):
             r1 = min(hi, r0 + R)
             np.dot(x[r0:r1], wt, y[r0:r1])
             if stats:
                 _band_stats(y, r0, r1, cnt[t], mean[t], m2[t])
+
+
+def pointwise_fwd(x, wt, R, T, stats, y, mv):
+    """y (P, K) = x (P, C) @ wt (C, K), by bands of R rows (one GEMM each); with ``stats`` the
+    batch mean and variance of y go to mv (2, K)."""
+    st = stat_parts(T, wt.shape[1])
+    run_tasks(_pointwise_fwd_tasks, T, (*x.shape, wt.shape[1], R, T, stats), (x, wt, y), (st,))
     if stats:
-        _merge_stats(cnt, mean, m2, mv)
+        _merge_stats(st, T, mv)
 
 
-@_par
-def pointwise_bwd(x, y, dz, w, bc, act, mode, kc, R, T, need_dx, dx, dw):
-    """Backward of y = x @ w.T (w (K, C)) after batch norm + act: for each band of R rows,
-    dL/dy (``_dy_rows``, never stored), then dx[band] = dy @ w and dw += dy^T @ x[band]
-    (float64 sums over bands, per task, merged in task order into dw (K, C))."""
-    P, C = x.shape
-    K = w.shape[0]
+@task_kernel
+def _pointwise_bwd_tasks(t0, t1, sz, x, y, dz, w, kc, dx, _g, bc, part):
+    """sz = (P, C, K, R, T, act, mode, need_dx); x, dx (P, C), y, dz (P, K), w (K, C);
+    bc (6, K); part (T, K, C)."""
+    P, C, K, R, T, act, mode, need_dx = sz[0], sz[1], sz[2], sz[3], sz[4], sz[5], sz[6], sz[7]
+    x, y, dz, w = x.reshape(P, C), y.reshape(P, K), dz.reshape(P, K), w.reshape(K, C)
+    dx, bc, part = dx.reshape(P if need_dx else 0, C), bc.reshape(6, K), part.reshape(T, K, C)
     M = np.float64(P)
-    part = np.zeros((T, K, C))
-    for t in prange(T):
+    for t in range(t0, t1):
         lo, hi = t * P // T, (t + 1) * P // T
         dyb = np.empty((R, K), dtype=x.dtype)
         tmp = np.empty((K, C), dtype=x.dtype)
@@ -275,66 +302,97 @@ def pointwise_bwd(x, y, dz, w, bc, act, mode, kc, R, T, need_dx, dx, dw):
             for k in range(K):
                 for c in range(C):
                     acc[k, c] += tmp[k, c]
-    for k in range(K):
-        for c in range(C):
-            s = 0.0
-            for t in range(T):
-                s += part[t, k, c]
-            dw[k, c] = s
+
+
+def pointwise_bwd(x, y, dz, w, bc, act, mode, kc, R, T, need_dx, dx, dw):
+    """Backward of y = x @ w.T (w (K, C)) after batch norm + act: for each band of R rows,
+    dL/dy (``_dy_rows``, never stored), then dx[band] = dy @ w and dw += dy^T @ x[band]
+    (float64 sums over bands, per task, merged in task order into dw (K, C))."""
+    part = np.zeros((T,) + w.shape)
+    run_tasks(_pointwise_bwd_tasks, T, (*x.shape, w.shape[0], R, T, act, mode, need_dx),
+              (x, y, dz, w, kc, dx if need_dx else x[:0]), (bc, part))
+    sum_parts(part, dw)
 
 
 # ----------------------------------------------------------------------------- pooling and SE
-# x3 (N, L, C): the L = H*W pixels of each image; one task per image.
+# x3 (N, L, C): the L = H*W pixels of each image; one task per image; sz = (N, L, C).
 
-@_par
-def mean_pixels(x3, out):
-    """out (N, C) = the mean over pixels of each image and channel (float64 sums)."""
-    N, L, C = x3.shape
-    for n in prange(N):
+@task_kernel
+def _mean_pixels_tasks(n0, n1, sz, x3, out, _c, _d, _e, _f, _g, _u, _v):
+    N, L, C = sz[0], sz[1], sz[2]
+    x3, out = x3.reshape(N, L, C), out.reshape(N, C)
+    for i in range(n0, n1):
         acc = np.zeros(C)
         for q in range(L):
-            row = x3[n, q]
+            row = x3[i, q]
             for c in range(C):
                 acc[c] += row[c]
         for c in range(C):
-            out[n, c] = acc[c] / L
+            out[i, c] = acc[c] / L
 
 
-@_par
-def scale_pixels(x3, g, out):
-    """out[n, q, c] = x3[n, q, c] * g[n, c]: SE's channel scale."""
-    N, L, C = x3.shape
-    for n in prange(N):
-        gn = g[n]
+def mean_pixels(x3, out):
+    """out (N, C) = the mean over pixels of each image and channel (float64 sums)."""
+    run_tasks(_mean_pixels_tasks, len(x3), x3.shape, (x3, out))
+
+
+@task_kernel
+def _scale_pixels_tasks(n0, n1, sz, x3, g, out, _d, _e, _f, _g, _u, _v):
+    N, L, C = sz[0], sz[1], sz[2]
+    x3, g, out = x3.reshape(N, L, C), g.reshape(N, C), out.reshape(N, L, C)
+    for i in range(n0, n1):
+        gn = g[i]
         for q in range(L):
-            xr, o = x3[n, q], out[n, q]
+            xr, o = x3[i, q], out[i, q]
             for c in range(C):
                 o[c] = xr[c] * gn[c]
 
 
-@_par
-def dot_pixels(x3, d3, out):
-    """out (N, C) = sum over pixels of d3 * x3 (products in the dtype, float64 sums): SE's
-    gradient with respect to its gate."""
-    N, L, C = x3.shape
-    for n in prange(N):
+def scale_pixels(x3, g, out):
+    """out[n, q, c] = x3[n, q, c] * g[n, c]: SE's channel scale."""
+    run_tasks(_scale_pixels_tasks, len(x3), x3.shape, (x3, g, out))
+
+
+@task_kernel
+def _dot_pixels_tasks(n0, n1, sz, x3, d3, out, _d, _e, _f, _g, _u, _v):
+    N, L, C = sz[0], sz[1], sz[2]
+    x3, d3, out = x3.reshape(N, L, C), d3.reshape(N, L, C), out.reshape(N, C)
+    for i in range(n0, n1):
         acc = np.zeros(C)
         for q in range(L):
-            xr, dr = x3[n, q], d3[n, q]
+            xr, dr = x3[i, q], d3[i, q]
             for c in range(C):
                 acc[c] += dr[c] * xr[c]
         for c in range(C):
-            out[n, c] = acc[c]
+            out[i, c] = acc[c]
 
 
-@_par
+def dot_pixels(x3, d3, out):
+    """out (N, C) = sum over pixels of d3 * x3 (products in the dtype, float64 sums): SE's
+    gradient with respect to its gate."""
+    run_tasks(_dot_pixels_tasks, len(x3), x3.shape, (x3, d3, out))
+
+
+@task_kernel
+def _scale_add_pixels_tasks(n0, n1, sz, d3, g, share, out, _e, _f, _g, _u, _v):
+    N, L, C = sz[0], sz[1], sz[2]
+    d3, out = d3.reshape(N, L, C), out.reshape(N, L, C)
+    g, share = g.reshape(N, C), share.reshape(N, C)
+    for i in range(n0, n1):
+        gn, sn = g[i], share[i]
+        for q in range(L):
+            dr, o = d3[i, q], out[i, q]
+            for c in range(C):
+                o[c] = dr[c] * gn[c] + sn[c]
+
+
 def scale_add_pixels(d3, g, share, out):
     """out[n, q, c] = d3[n, q, c] * g[n, c] + share[n, c]: SE's dx (the scale's branch plus
     the squeeze's, whose gradient is the same on every pixel)."""
-    N, L, C = d3.shape
-    for n in prange(N):
-        gn, sn = g[n], share[n]
-        for q in range(L):
-            dr, o = d3[n, q], out[n, q]
-            for c in range(C):
-                o[c] = dr[c] * gn[c] + sn[c]
+    run_tasks(_scale_add_pixels_tasks, len(d3), d3.shape, (d3, g, share, out))
+
+
+# The backward's task kernels of this module, in the order a training step first calls them:
+# compiled by a helper process while a first training forward runs (``convbn``).
+BACKWARD_TASKS = (_grad_sums_tasks, _pointwise_bwd_tasks, _dot_pixels_tasks,
+                  _scale_add_pixels_tasks)

@@ -11,12 +11,12 @@ helpers ``_band_stats``, ``_merge_stats`` and ``_dy_rows`` are used as they are.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .channels_last import _band_stats, _dy_rows, _merge_stats
+from .tasks import run_tasks, stat_parts, stat_views, sum_parts, task_kernel
 
 _jit = njit(cache=True)
-_par = njit(cache=True, parallel=True)
 
 # ----------------------------------------------------------------------------- depthwise
 
@@ -52,23 +52,21 @@ def flat_taps(geom, C) -> bool:
     return geom[1] == 1 and C < FLAT_MAX_CHANNELS
 
 
-@_par
-def depthwise_fwd(x, w, b, geom, flat, rb, stats, y, mv):
-    """y[n, i, j, c] = b[c] + sum_{u,v} w[u*k + v, c] * x[n, i*s-p+u*d, j*s-p+v*d, c] (zero
-    outside), x (N, H, W, C), w (k*k, C), y (N, Ho, Wo, C); tasks: (image, band of rb rows);
-    with ``stats`` the batch mean and variance of y go to mv (2, C). With ``flat``
-    (``flat_taps``) each tap is one loop over the flattened row of Wo*C values; else one loop
-    over C per pixel."""
-    N, H, W, C = x.shape
-    k, s, p, d = geom
-    Ho, Wo = y.shape[1], y.shape[2]
+# Task kernels (``tasks.py``): sz starts with the geometry (``_geometry``):
+# (N, H, W, C, Ho, Wo, k, s, p, d, flat).
+
+@task_kernel
+def _depthwise_fwd_tasks(t0, t1, sz, x, w, wr, b, y, _f, _g, st, _v):
+    """sz = geometry + (rb, stats); x (N, H, W, C), w (k*k, C), wr (``_tile``), b (C,),
+    y (N, Ho, Wo, C); st: ``stat_parts``."""
+    N, H, W, C, Ho, Wo, k, s, p, d, flat, rb, stats = (sz[0], sz[1], sz[2], sz[3], sz[4], sz[5],
+                                                       sz[6], sz[7], sz[8], sz[9], sz[10], sz[11],
+                                                       sz[12])
+    x, y, w = x.reshape(N, H, W, C), y.reshape(N, Ho, Wo, C), w.reshape(k * k, C)
+    wr = wr.reshape(k * k, Wo * C if flat else C)
     nb = (Ho + rb - 1) // rb
-    T = N * nb
-    cnt = np.zeros((T, 1))
-    mean = np.zeros((T, C))
-    m2 = np.zeros((T, C))
-    wr = _tile(w, Wo) if flat else w
-    for t in prange(T):
+    cnt, mean, m2 = stat_views(st, N * nb, C)
+    for t in range(t0, t1):
         n, i0 = t // nb, (t % nb) * rb
         yn = y[n].reshape(Ho * Wo, C)
         for i in range(i0, min(Ho, i0 + rb)):
@@ -99,24 +97,42 @@ def depthwise_fwd(x, w, b, geom, flat, rb, stats, y, mv):
                             a[c] += wt[c] * xv[c]
             if stats:
                 _band_stats(yn, i * Wo, (i + 1) * Wo, cnt[t], mean[t], m2[t])
+
+
+def depthwise_fwd(x, w, b, geom, flat, rb, stats, y, mv):
+    """y[n, i, j, c] = b[c] + sum_{u,v} w[u*k + v, c] * x[n, i*s-p+u*d, j*s-p+v*d, c] (zero
+    outside), x (N, H, W, C), w (k*k, C), y (N, Ho, Wo, C); tasks: (image, band of rb rows);
+    with ``stats`` the batch mean and variance of y go to mv (2, C). With ``flat``
+    (``flat_taps``) each tap is one loop over the flattened row of Wo*C values; else one loop
+    over C per pixel."""
+    T = x.shape[0] * -(-y.shape[1] // rb)
+    st = stat_parts(T, x.shape[3])
+    wr = _tile(w, y.shape[2]) if flat else w
+    run_tasks(_depthwise_fwd_tasks, T, _geometry(x, y, geom, flat) + (rb, stats),
+              (x, w, wr, b, y), (st,))
     if stats:
-        _merge_stats(cnt, mean, m2, mv)
+        _merge_stats(st, T, mv)
 
 
-@_par
-def depthwise_bwd(x, y, dz, w, bc, act, mode, kc, geom, flat, dx, dw, db):
-    """Backward of ``depthwise_fwd`` (after batch norm + act, see ``mode``): per image, each
-    output row's dL/dy is formed in a scratch row, then scattered into dx (N, H, W, C) and
-    gathered into dw (k*k, C) and db (C,). With ``flat`` (as in the forward) each tap runs over
-    the flattened row, the dw and db partial sums kept per (tap, column, channel) over the
-    image's rows, then summed over columns; float64 sums per image, merged in image order."""
-    N, H, W, C = x.shape
-    k, s, p, d = geom
-    Ho, Wo = dz.shape[1], dz.shape[2]
+def _geometry(x, y, geom, flat):
+    """The task kernels' leading sizes: (N, H, W, C, Ho, Wo, k, s, p, d, flat) of a
+    channels-last input x (N, H, W, C) and output y (N, Ho, Wo, C)."""
+    return (*x.shape, y.shape[1], y.shape[2], *geom, int(flat))
+
+
+@task_kernel
+def _depthwise_bwd_tasks(n0, n1, sz, x, y, dz, w, wr, kc, dx, bc, part):
+    """sz = geometry + (act, mode); x, dx (N, H, W, C), y, dz (N, Ho, Wo, C), w (k*k, C),
+    wr (``_tile``); bc (6, C); part (N, k*k + 1, C)."""
+    N, H, W, C, Ho, Wo, k, s, p, d, flat, act, mode = (sz[0], sz[1], sz[2], sz[3], sz[4], sz[5],
+                                                       sz[6], sz[7], sz[8], sz[9], sz[10], sz[11],
+                                                       sz[12])
+    x, dx = x.reshape(N, H, W, C), dx.reshape(N, H, W, C)
+    y, dz = y.reshape(N, Ho, Wo, C), dz.reshape(N, Ho, Wo, C)
+    w, wr = w.reshape(k * k, C), wr.reshape(k * k, Wo * C if flat else C)
+    bc, part = bc.reshape(6, C), part.reshape(N, k * k + 1, C)
     M = np.float64(N * Ho * Wo)
-    part = np.zeros((N, k * k + 1, C))
-    wr = _tile(w, Wo) if flat else w
-    for n in prange(N):
+    for n in range(n0, n1):
         g = np.empty((Wo, C), dtype=x.dtype)
         gf = g.reshape(Wo * C)
         prt = np.empty(C, dtype=x.dtype)
@@ -169,15 +185,23 @@ def depthwise_bwd(x, y, dz, w, bc, act, mode, kc, geom, flat, dx, dw, db):
             for j in range(Wo):
                 for c in range(C):
                     a[c] += ra[j * C + c]
-    for r in range(k * k + 1):
-        for c in range(C):
-            sm = 0.0
-            for n in range(N):
-                sm += part[n, r, c]
-            if r < k * k:
-                dw[r, c] = sm
-            else:
-                db[c] = sm
+
+
+def depthwise_bwd(x, y, dz, w, bc, act, mode, kc, geom, flat, dx, dw, db):
+    """Backward of ``depthwise_fwd`` (after batch norm + act, see ``mode``): per image, each
+    output row's dL/dy is formed in a scratch row, then scattered into dx (N, H, W, C) and
+    gathered into dw (k*k, C) and db (C,). With ``flat`` (as in the forward) each tap runs over
+    the flattened row, the dw and db partial sums kept per (tap, column, channel) over the
+    image's rows, then summed over columns; float64 sums per image, merged in image order."""
+    N, kk, C = x.shape[0], w.shape[0], x.shape[3]
+    part = np.zeros((N, kk + 1, C))
+    wr = _tile(w, dz.shape[2]) if flat else w
+    run_tasks(_depthwise_bwd_tasks, N, _geometry(x, dz, geom, flat) + (act, mode),
+              (x, y, dz, w, wr, kc, dx), (bc, part))
+    total = np.empty((kk + 1, C))
+    sum_parts(part, total)
+    dw[...] = total[:kk]                      # float64 sums rounded once to the dtype
+    db[...] = total[kk]
 
 
 # ----------------------------------------------------------------------------- dense conv (stem)
@@ -210,20 +234,20 @@ def _im2col_rows(x, n, geom, r0, r1, Wo, ct):
                         row[base + j] = 0
 
 
-@_par
-def conv_fwd(x, wcol, geom, rb, stats, y, mv):
-    """Dense conv of an NCHW input with few channels (the stem) into NHWC: per task (image,
-    band of rb output rows) the transposed im2col ct (C*k*k, rb*Wo) and one GEMM
-    y_band (rb*Wo, K) = ct^T @ wcol (C*k*k, K); statistics of y as in ``pointwise_fwd``."""
-    N = x.shape[0]
-    CKK, K = wcol.shape
-    Ho, Wo = y.shape[1], y.shape[2]
+# The stem's task kernels: x (N, C, H, W) NCHW, y / dz (N, Ho, Wo, K);
+# sz = (N, C, H, W, Ho, Wo, K, k, s, p, d, rb, ...).
+
+@task_kernel
+def _conv_fwd_tasks(t0, t1, sz, x, wcol, y, _d, _e, _f, _g, st, _v):
+    """sz = stem sizes + (stats,); wcol (C*k*k, K); st: ``stat_parts``."""
+    N, C, H, W, Ho, Wo, K = sz[0], sz[1], sz[2], sz[3], sz[4], sz[5], sz[6]
+    rb, stats = sz[11], sz[12]
+    geom = (sz[7], sz[8], sz[9], sz[10])
+    CKK = C * sz[7] * sz[7]
+    x, wcol, y = x.reshape(N, C, H, W), wcol.reshape(CKK, K), y.reshape(N, Ho, Wo, K)
     nb = (Ho + rb - 1) // rb
-    T = N * nb
-    cnt = np.zeros((T, 1))
-    mean = np.zeros((T, K))
-    m2 = np.zeros((T, K))
-    for t in prange(T):
+    cnt, mean, m2 = stat_views(st, N * nb, K)
+    for t in range(t0, t1):
         n, r0 = t // nb, (t % nb) * rb
         r1 = min(Ho, r0 + rb)
         L = (r1 - r0) * Wo
@@ -233,22 +257,36 @@ def conv_fwd(x, wcol, geom, rb, stats, y, mv):
         np.dot(ct.T, wcol, yn[r0 * Wo:r1 * Wo])
         if stats:
             _band_stats(yn, r0 * Wo, r1 * Wo, cnt[t], mean[t], m2[t])
+
+
+def conv_fwd(x, wcol, geom, rb, stats, y, mv):
+    """Dense conv of an NCHW input with few channels (the stem) into NHWC: per task (image,
+    band of rb output rows) the transposed im2col ct (C*k*k, rb*Wo) and one GEMM
+    y_band (rb*Wo, K) = ct^T @ wcol (C*k*k, K); statistics of y as in ``pointwise_fwd``."""
+    T = x.shape[0] * -(-y.shape[1] // rb)
+    st = stat_parts(T, wcol.shape[1])
+    run_tasks(_conv_fwd_tasks, T, _stem_sizes(x, y, geom, rb) + (stats,), (x, wcol, y), (st,))
     if stats:
-        _merge_stats(cnt, mean, m2, mv)
+        _merge_stats(st, T, mv)
 
 
-@_par
-def conv_bwd_weight(x, y, dz, bc, act, mode, kc, geom, rb, dw):
-    """dW of ``conv_fwd`` (C*k*k, K) = sum over bands of ct @ dy_band (dL/dy formed per band
-    as in ``pointwise_bwd``); float64 sums per task, merged in task order."""
-    N = x.shape[0]
-    Ho, Wo, K = dz.shape[1], dz.shape[2], dz.shape[3]
-    CKK = dw.shape[0]
-    M = np.float64(N * Ho * Wo)
+def _stem_sizes(x, y, geom, rb):
+    """(N, C, H, W, Ho, Wo, K, k, s, p, d, rb) of the stem's NCHW x and channels-last y."""
+    return (*x.shape, *y.shape[1:], *geom, rb)
+
+
+@task_kernel
+def _conv_bwd_weight_tasks(t0, t1, sz, x, y, dz, kc, _e, _f, _g, bc, part):
+    """sz = stem sizes + (act, mode); bc (6, K); part (T, C*k*k, K)."""
+    N, C, H, W, Ho, Wo, K, rb, act, mode = (sz[0], sz[1], sz[2], sz[3], sz[4], sz[5], sz[6], sz[11],
+                                            sz[12], sz[13])
+    geom = (sz[7], sz[8], sz[9], sz[10])
+    CKK = C * sz[7] * sz[7]
+    x, y, dz = x.reshape(N, C, H, W), y.reshape(N, Ho, Wo, K), dz.reshape(N, Ho, Wo, K)
     nb = (Ho + rb - 1) // rb
-    T = N * nb
-    part = np.zeros((T, CKK, K))
-    for t in prange(T):
+    bc, part = bc.reshape(6, K), part.reshape(N * nb, CKK, K)
+    M = np.float64(N * Ho * Wo)
+    for t in range(t0, t1):
         n, r0 = t // nb, (t % nb) * rb
         r1 = min(Ho, r0 + rb)
         L = (r1 - r0) * Wo
@@ -262,9 +300,17 @@ def conv_bwd_weight(x, y, dz, bc, act, mode, kc, geom, rb, dw):
         for r in range(CKK):
             for c in range(K):
                 part[t, r, c] += tmp[r, c]
-    for r in range(CKK):
-        for c in range(K):
-            sm = 0.0
-            for t in range(T):
-                sm += part[t, r, c]
-            dw[r, c] = sm
+
+
+def conv_bwd_weight(x, y, dz, bc, act, mode, kc, geom, rb, dw):
+    """dW of ``conv_fwd`` (C*k*k, K) = sum over bands of ct @ dy_band (dL/dy formed per band
+    as in ``pointwise_bwd``); float64 sums per task, merged in task order."""
+    T = x.shape[0] * -(-dz.shape[1] // rb)
+    part = np.zeros((T,) + dw.shape)
+    run_tasks(_conv_bwd_weight_tasks, T, _stem_sizes(x, dz, geom, rb) + (act, mode),
+              (x, y, dz, kc), (bc, part))
+    sum_parts(part, dw)
+
+
+# The backward's task kernels of this module, in the order a training step first calls them.
+BACKWARD_TASKS = (_depthwise_bwd_tasks, _conv_bwd_weight_tasks)

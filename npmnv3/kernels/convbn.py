@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import channels_last, channels_last_conv
 from ._checks import check_array, choose_impl
 from .batchnorm import (
     BatchNormActCache,
@@ -39,6 +40,7 @@ from .batchnorm import (
 from .batchnorm import (
     _check_args as _check_bn_args,
 )
+from .callbacks import compile_ahead
 from .channels_last import (
     affine_act,
     band_rows,
@@ -70,6 +72,7 @@ from .epilogue import act_code
 from .threads import single_threaded_blas
 
 KINDS = ("conv", "pointwise", "depthwise")
+BACKWARD_TASKS = channels_last.BACKWARD_TASKS + channels_last_conv.BACKWARD_TASKS
 
 
 class ConvBNActCache(NamedTuple):
@@ -188,6 +191,8 @@ def conv_bn_act_forward_fast(x, w, weight, bias, running_mean, running_var, *, k
             momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked,
             keep_pre=keep_pre)
         return z, ConvBNActCache(kind, c_conv, c_bn), stats
+    if training:        # the backward's loops, on an empty cache: compiled meanwhile elsewhere
+        compile_ahead(BACKWARD_TASKS, x.dtype)
     with single_threaded_blas():
         y, mv, c_conv = _conv_fwd_fast(x, w, kind, stride, padding, dilation, training)
         K = y.shape[3]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ._checks import check_array, check_shape, choose_impl
 
@@ -65,11 +65,11 @@ def dropout_backward_naive(dout, cache: DropoutCache):
 
 
 def _masked_scale_loops(a, keep, scale, out):
-    for i in prange(a.size):
+    for i in range(a.size):
         out[i] = a[i] * scale if keep[i] else a[i] * 0
 
 
-_masked_scale = njit(cache=True, parallel=True)(_masked_scale_loops)
+_masked_scale = njit(cache=True)(_masked_scale_loops)     # (N, 1280) in MobileNetV3: serial
 
 
 def _apply(a, keep, scale):

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1]            # npmnv3/
-MESSAGE = ("compiling kernels, once per machine (about 20-30 s; cached on disk for every "
+MESSAGE = ("compiling kernels, once per machine (about 10-20 s; cached on disk for every "
            "later run)...")
 _announced = False
 

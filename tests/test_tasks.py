@@ -1,0 +1,110 @@
+"""The task runner (kernels/tasks.py) and the compile helper (kernels/callbacks.py)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numba
+import numpy as np
+import pytest
+
+from npmnv3.kernels import callbacks, channels_last, tasks
+from npmnv3.kernels.channels_last import grad_sums, mean_pixels, pointwise_fwd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """Every task writes its own partial sums, merged in task order: one thread and two give
+    bit-identical statistics and sums."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 24)).astype(np.float32)
+    wt = rng.standard_normal((24, 40)).astype(np.float32)
+    bc = rng.standard_normal((6, 40))
+    kc = np.array([0, 3, 6, 0.5], np.float32)
+    out = []
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, numba.config.NUMBA_NUM_THREADS):
+            numba.set_num_threads(threads)
+            y, mv, sums = np.empty((3000, 40), np.float32), np.empty((2, 40)), np.empty((2, 40))
+            pointwise_fwd(x, wt, 64, 8, True, y, mv)
+            grad_sums(y, y, bc, 2, kc, 8, sums)
+            out.append((y, mv, sums))
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(*out):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(out[0][1][0], (x @ wt).mean(0, dtype=np.float64), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_task_kernels_take_contiguous_arrays_only():
+    """A kernel writes through the flat views it is given: a strided output would be a copy,
+    and the result lost, so it is refused."""
+    x3 = np.ones((2, 5, 3), np.float32)
+    out = np.empty((3, 2), np.float32).T                  # (2, 3), not C-contiguous
+    with pytest.raises(ValueError, match="C-contiguous"):
+        mean_pixels(x3, out)
+
+
+def test_the_signature_is_one_for_every_task_kernel():
+    sig = tasks.task_signature(np.float32)
+    assert len(sig.args) == 3 + tasks.F_SLOTS + tasks.D_SLOTS
+    assert all(cb.signature is tasks.task_signature for cb in channels_last.BACKWARD_TASKS)
+
+
+def _run(code, cache_dir, **env):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir), **env)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.split()
+
+
+PROBE = """
+    import numpy as np
+    from npmnv3.kernels import callbacks
+    from npmnv3.kernels.channels_last import _dot_pixels_tasks as a, _scale_pixels_tasks as b
+    proc = callbacks.compile_ahead([a, b], np.float32)
+    print(proc is not None, proc.wait() if proc else None)
+    print(a.cached(np.float32), b.cached(np.float32), a.cached(np.float64))
+    print(callbacks.compile_ahead([a, b], np.float32) is None)      # considered once
+"""
+
+
+def test_a_helper_process_fills_the_cache(tmp_path):
+    """On an empty cache, compile_ahead starts one helper that compiles the callbacks into
+    Numba's cache and exits 0; afterwards they are cached (for that dtype only)."""
+    out = _run(PROBE, tmp_path)
+    assert out == ["True", "0", "True", "True", "False", "True"]
+    # a second process finds them cached and starts nothing
+    again = _run(PROBE.replace("print(proc is not None, proc.wait() if proc else None)",
+                               "print(proc is None)"), tmp_path)
+    assert again[0] == "True"
+
+
+def test_no_helper_when_switched_off(tmp_path):
+    out = _run(PROBE, tmp_path, NPMNV3_COMPILE_HELPER="0")
+    assert out[:2] == ["False", "None"] and out[2:4] == ["False", "False"]
+
+
+def test_a_failed_helper_only_costs_time(monkeypatch):
+    """If the helper dies, the callback is compiled here, and computes the same."""
+    monkeypatch.setattr(callbacks.sys, "executable", "/bin/false")
+    monkeypatch.setattr(callbacks, "_CONSIDERED", set())
+    pair = channels_last.BACKWARD_TASKS[2:4]          # _dot_pixels_tasks, _scale_add_pixels_
+    for c in pair:
+        monkeypatch.setattr(c, "cached", lambda dtype: False)
+        monkeypatch.setattr(c, "_compiled", {})
+    cb = pair[0]
+    proc = callbacks.compile_ahead(pair, np.float64)
+    assert proc is not None and proc.wait() != 0
+    x3 = np.random.default_rng(1).standard_normal((3, 7, 5))
+    d3 = np.random.default_rng(2).standard_normal((3, 7, 5))
+    out = np.empty((3, 5))
+    channels_last.dot_pixels(x3, d3, out)                   # waits for the helper, compiles
+    np.testing.assert_allclose(out, (x3 * d3).sum(1), rtol=1e-12)
+    assert (cb.name, np.dtype(np.float64)) not in callbacks._PENDING
