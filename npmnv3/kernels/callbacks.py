@@ -34,6 +34,7 @@ REGISTRY: dict[str, Callback] = {}     # "module.qualname" -> Callback (what a h
 _PENDING: dict[tuple, subprocess.Popen] = {}     # (name, dtype) -> the helper compiling it
 _CONSIDERED: set[tuple] = set()                 # (name, dtype) pairs compile_ahead has seen
 ENV = "NPMNV3_COMPILE_HELPER"
+HELPER_TIMEOUT_S = 300          # a helper compiles in ~10 s here; one that hangs is killed
 
 
 class Callback:
@@ -52,8 +53,11 @@ class Callback:
         key = np.dtype(dtype)
         if key not in self._compiled:
             helper = _PENDING.pop((self.name, key), None)
-            if helper is not None:
-                helper.wait()          # it is compiling this one into the cache: load it after
+            if helper is not None:     # it is compiling this one into the cache: load it after
+                try:
+                    helper.wait(timeout=HELPER_TIMEOUT_S)
+                except subprocess.TimeoutExpired:     # stuck: compile here instead
+                    helper.kill()
             # A cfunc fires no compile event of its own: announce it as a dispatcher would, so
             # the benchmarks' per-function compile times (numba:compile listeners) include it.
             data = {"dispatcher": SimpleNamespace(py_func=self.py_func)}
