@@ -108,3 +108,26 @@ def test_a_failed_helper_only_costs_time(monkeypatch):
     channels_last.dot_pixels(x3, d3, out)                   # waits for the helper, compiles
     np.testing.assert_allclose(out, (x3 * d3).sum(1), rtol=1e-12)
     assert (cb.name, np.dtype(np.float64)) not in callbacks._PENDING
+    callbacks._PENDING.pop((pair[1].name, np.dtype(np.float64)), None)
+
+
+def test_a_stuck_helper_is_killed(monkeypatch, tmp_path):
+    """A helper that never finishes is killed after HELPER_TIMEOUT_S; the callback is compiled
+    here."""
+    stuck = tmp_path / "stuck"
+    stuck.write_text("#!/bin/sh\nsleep 60\n")
+    stuck.chmod(0o755)
+    monkeypatch.setattr(callbacks.sys, "executable", str(stuck))
+    monkeypatch.setattr(callbacks, "HELPER_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(callbacks, "_CONSIDERED", set())
+    pair = channels_last.BACKWARD_TASKS[2:4]
+    for c in pair:
+        monkeypatch.setattr(c, "cached", lambda dtype: False)
+        monkeypatch.setattr(c, "_compiled", {})
+    proc = callbacks.compile_ahead(pair, np.float64)
+    x3 = np.ones((2, 3, 4))
+    out = np.empty((2, 4))
+    channels_last.dot_pixels(x3, 2 * x3, out)
+    np.testing.assert_array_equal(out, 6.0)
+    assert proc.wait(timeout=5) != 0                         # killed
+    callbacks._PENDING.pop((pair[1].name, np.dtype(np.float64)), None)
