@@ -289,7 +289,7 @@ def task(steps, ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, t
 # never as globals, so every level stays cacheable, and ``forward`` has one
 # signature per dtype. A call through a pointer costs nanoseconds; there are a few per step.
 # Fixed signatures also let a helper process compile half of the callbacks on an empty cache
-# (``compiled``; Large: 14.2 -> 9.6-10.2 s to the first prediction, benchmarks/README.md).
+# (``compiled``; Large: 14.2-15.8 -> 9.6-12.1 s to the first prediction, benchmarks/README.md).
 
 
 def _types(dtype):
