@@ -34,6 +34,7 @@ from .blocks import (
 )
 from .config import MobileNetV3Config
 from .modules import build_modules
+from .store import ParameterStore
 
 BN_EPS = 1e-3          # torchvision mobilenetv3.py: partial(nn.BatchNorm2d, eps=0.001, ...)
 BN_MOMENTUM = 0.01     # ... momentum=0.01
@@ -66,7 +67,7 @@ class Trace(NamedTuple):
     head: ClassifierCache | None = None
 
 
-class MobileNetV3:
+class MobileNetV3(ParameterStore):
     """MobileNetV3 with torchvision's structure. Build with ``mobilenet_v3_large/small``.
 
     ``impl`` ("fast" | "naive") picks the kernels' faces (and "naive" never runs the folded
@@ -125,11 +126,6 @@ class MobileNetV3:
             else:                                      # every bias
                 self.params[key] = np.zeros(shape, dtype=self.dtype)
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Copies of every parameter and buffer, torchvision's keys in torchvision's order."""
-        return {k: (self.buffers[k] if kind == "buffer" else self.params[k]).copy()
-                for k, _, kind in self.layout}
-
     def load_state_dict(self, sd: dict, strict: bool = True) -> dict:
         """Load arrays by torchvision key; every problem is reported in one ``ValueError``.
 
@@ -160,14 +156,6 @@ class MobileNetV3:
             self.grads.pop(k, None)
         self.changed()
         return self
-
-    def named_parameters(self):
-        for key, _, kind in self.layout:
-            if kind == "param":
-                yield key, self.params[key]
-
-    def num_parameters(self) -> int:
-        return int(sum(p.size for _, p in self.named_parameters()))
 
     def train(self, mode: bool = True):
         self.training = bool(mode)
@@ -320,19 +308,6 @@ class MobileNetV3:
         return x
 
     # ------------------------------------------------------------------ backward
-
-    def zero_grad(self):
-        """Forget accumulated gradients (``named_grads`` then yields zeros)."""
-        self.grads = {}
-
-    def named_grads(self):
-        """(name, gradient) for every parameter, torchvision's names; zeros if none yet."""
-        for key, p in self.named_parameters():
-            yield key, self.grads.get(key, np.zeros_like(p))
-
-    def _accumulate(self, grads: dict):
-        for key, g in grads.items():
-            self.grads[key] = self.grads[key] + g if key in self.grads else g
 
     def backward(self, dlogits, *, capture=(), input_grad=True):
         """Back-propagate dL/dlogits (N, num_classes) through the last forward's blocks.

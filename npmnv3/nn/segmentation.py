@@ -40,6 +40,7 @@ from .blocks import (
 )
 from .modules import InvertedResidual
 from .seg_heads import DeepLabHead, FCNHead, LRASPPHead, init_head
+from .store import ParameterStore
 
 KINDS = ("lraspp", "deeplabv3")
 
@@ -65,7 +66,7 @@ class Trace(NamedTuple):
     aux: tuple | None         # (aux head cache, its upsampling) with aux_loss
 
 
-class SegmentationModel:
+class SegmentationModel(ParameterStore):
     """LR-ASPP or DeepLabV3 on a dilated MobileNetV3-Large; build with
     ``lraspp_mobilenet_v3_large`` / ``deeplabv3_mobilenet_v3_large``."""
 
@@ -116,11 +117,6 @@ class SegmentationModel:
 
     # ------------------------------------------------------------------ state
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Copies of every parameter and buffer, torchvision's keys in torchvision's order."""
-        return {k: (self.buffers[k] if kind == "buffer" else self.params[k]).copy()
-                for k, _, kind in self.layout}
-
     def load_state_dict(self, sd: dict, strict: bool = True) -> dict:
         """Load arrays by torchvision key (cast to the model's dtype); every problem is reported
         in one ``ValueError``. ``num_batches_tracked`` may be missing (set to 0)."""
@@ -128,22 +124,6 @@ class SegmentationModel:
         assign_state_dict(sd, self.layout, self.params, self.buffers, self.dtype)
         self._trace = self._replay = None
         return report
-
-    def named_parameters(self):
-        for key, _, kind in self.layout:
-            if kind == "param":
-                yield key, self.params[key]
-
-    def num_parameters(self) -> int:
-        return int(sum(p.size for _, p in self.named_parameters()))
-
-    def named_grads(self):
-        """(name, gradient) for every parameter; zeros where none was computed yet."""
-        for key, p in self.named_parameters():
-            yield key, self.grads.get(key, np.zeros_like(p))
-
-    def zero_grad(self):
-        self.grads = {}
 
     def train(self, mode: bool = True):
         self.training = bool(mode)
@@ -255,7 +235,7 @@ class SegmentationModel:
             grads.update(g)
             dlow = da if dlow is None else dlow + da       # both heads read the low features
         if tr.backbone is None:                           # freeze_backbone: stop here
-            self._add_grads(grads)
+            self._accumulate(grads)
             self._trace = None
             return None
         dy = dhigh
@@ -267,13 +247,9 @@ class SegmentationModel:
             else:
                 dy, g = conv_bn_act_backward(dy, tr.backbone[i], need_dx=input_grad or i > 0)
             grads.update(g)
-        self._add_grads(grads)
+        self._accumulate(grads)
         self._trace = None
         return dy if input_grad else None
-
-    def _add_grads(self, grads):
-        for k, gk in grads.items():
-            self.grads[k] = self.grads[k] + gk if k in self.grads else gk
 
     def _check_dout(self, dout, shape):
         names = {"out"} | ({"aux"} if self.aux_head is not None else set())
