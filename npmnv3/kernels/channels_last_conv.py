@@ -1,11 +1,11 @@
 """Channels-last (NHWC) Numba loops of the spatial convolutions behind the fast training
 kernels: the depthwise convolution (every tap a multiply-add vectorised over channels, or over a
-whole flattened row for stride 1 and few channels) and the stem's dense convolution (im2col by
-bands of rows, one GEMM per band).
+whole flattened row for stride 1 and few channels) and the gather that turns the stem's dense
+convolution into a 1x1 one (im2col).
 
 The conventions (layout, tasks, the batch statistics taken on each band in the forward, dL/dy
 formed per band from ``bc`` / ``mode`` in the backward, ``kc``) are ``channels_last.py``'s; its
-helpers ``_band_stats``, ``_merge_stats`` and ``_dy_rows`` are used as they are.
+helpers ``_band_stats``, ``merge_stats`` and ``_dy_rows`` are used as they are.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .channels_last import _band_stats, _dy_rows, _merge_stats
+from .channels_last import _band_stats, _dy_rows, merge_stats
 from .tasks import run_tasks, stat_parts, stat_views, sum_parts, task_kernel
 
 _jit = njit(cache=True)
@@ -28,17 +28,10 @@ def _col_range(off, s, W, Wo):
     return jlo, max(jlo, jhi)
 
 
-@_jit
 def _tile(w, Wo):
     """(k*k, Wo*C): each tap's channel weights repeated for every output column, so that with
     stride 1 a tap is one contiguous multiply-add over a whole flattened row."""
-    kk, C = w.shape
-    out = np.empty((kk, Wo * C), dtype=w.dtype)
-    for r in range(kk):
-        for j in range(Wo):
-            for c in range(C):
-                out[r, j * C + c] = w[r, c]
-    return out
+    return np.tile(w, (1, Wo))
 
 
 FLAT_MAX_CHANNELS = 128    # measured on MobileNetV3-Large's depthwise layers (AVX2): 16 and 72
@@ -111,7 +104,7 @@ def depthwise_fwd(x, w, b, geom, flat, rb, stats, y, mv):
     run_tasks(_depthwise_fwd_tasks, T, _geometry(x, y, geom, flat) + (rb, stats),
               (x, w, wr, b, y), (st,))
     if stats:
-        _merge_stats(st, T, mv)
+        merge_stats(st, T, mv)
 
 
 def _geometry(x, y, geom, flat):
@@ -205,112 +198,46 @@ def depthwise_bwd(x, y, dz, w, bc, act, mode, kc, geom, flat, dx, dw, db):
 
 
 # ----------------------------------------------------------------------------- dense conv (stem)
+# A dense convolution with few taps (the 3-channel stem: C*k*k = 27) is a 1x1 convolution of
+# its im2col rows: cols (N*Ho*Wo, C*k*k) @ W^T, so the forward and the weight gradient are
+# ``pointwise_fwd`` / ``pointwise_bwd`` (their GEMM bands, batch statistics and dL/dy) on cols,
+# and the only loop of its own is the gather below. The backward gathers cols again (27 values
+# per pixel: cheaper than keeping them, 1.7x the stem's output).
 
-@_jit
-def _im2col_rows(x, n, geom, r0, r1, Wo, ct):
-    """ct (C*k*k, (r1-r0)*Wo): row (c*k + u)*k + v holds x[n, c, i*s-p+u*d, j*s-p+v*d] for the
-    output rows i in [r0, r1) and every column j (zero outside the image)."""
-    C, H, W = x.shape[1], x.shape[2], x.shape[3]
-    k, s, p, d = geom
-    for c in range(C):
-        for u in range(k):
-            for v in range(k):
-                row = ct[(c * k + u) * k + v]
-                off = v * d - p
-                jlo, jhi = _col_range(off, s, W, Wo)
-                for i in range(r0, r1):
-                    base = (i - r0) * Wo
-                    ii = i * s - p + u * d
+@task_kernel
+def _im2col_tasks(t0, t1, sz, x, cols, _c, _d, _e, _f, _g, _u, _v):
+    """sz = (N, C, H, W, Ho, Wo, k, s, p, d); x (N, C, H, W) NCHW; cols (N*Ho*Wo, C*k*k): row
+    (n*Ho + i)*Wo + j, column q = (c*k + u)*k + v holds x[n, c, i*s-p+u*d, j*s-p+v*d] (zero
+    outside the image). One task per output row (n, i). Flat indices: the same loops on
+    reshaped views took twice as long to compile."""
+    N, C, H, W, Ho, Wo, k, s, p, d = (sz[0], sz[1], sz[2], sz[3], sz[4], sz[5], sz[6], sz[7],
+                                      sz[8], sz[9])
+    CKK = C * k * k
+    for t in range(t0, t1):
+        n, i = t // Ho, t % Ho
+        for c in range(C):
+            for u in range(k):
+                ii = i * s - p + u * d
+                for v in range(k):
+                    o = t * Wo * CKK + (c * k + u) * k + v       # cols[(n*Ho + i)*Wo, q]
+                    off = v * d - p                              # input column j*s + off
+                    jlo = 0 if off >= 0 else (s - 1 - off) // s  # ... inside [0, W) for
+                    jhi = max(jlo, min(Wo, (W - 1 - off) // s + 1))      # j in [jlo, jhi)
                     if ii < 0 or ii >= H:
-                        for j in range(Wo):
-                            row[base + j] = 0
-                        continue
-                    xr = x[n, c, ii]
+                        jlo, jhi = Wo, Wo
+                    xo = ((n * C + c) * H + ii) * W + off        # x[n, c, ii, off]
                     for j in range(jlo):
-                        row[base + j] = 0
+                        cols[o + j * CKK] = 0
                     for j in range(jlo, jhi):
-                        row[base + j] = xr[j * s + off]
+                        cols[o + j * CKK] = x[xo + j * s]
                     for j in range(jhi, Wo):
-                        row[base + j] = 0
+                        cols[o + j * CKK] = 0
 
 
-# The stem's task kernels: x (N, C, H, W) NCHW, y / dz (N, Ho, Wo, K);
-# sz = (N, C, H, W, Ho, Wo, K, k, s, p, d, rb, ...).
-
-@task_kernel
-def _conv_fwd_tasks(t0, t1, sz, x, wcol, y, _d, _e, _f, _g, st, _v):
-    """sz = stem sizes + (stats,); wcol (C*k*k, K); st: ``stat_parts``."""
-    N, C, H, W, Ho, Wo, K = sz[0], sz[1], sz[2], sz[3], sz[4], sz[5], sz[6]
-    rb, stats = sz[11], sz[12]
-    geom = (sz[7], sz[8], sz[9], sz[10])
-    CKK = C * sz[7] * sz[7]
-    x, wcol, y = x.reshape(N, C, H, W), wcol.reshape(CKK, K), y.reshape(N, Ho, Wo, K)
-    nb = (Ho + rb - 1) // rb
-    cnt, mean, m2 = stat_views(st, N * nb, K)
-    for t in range(t0, t1):
-        n, r0 = t // nb, (t % nb) * rb
-        r1 = min(Ho, r0 + rb)
-        L = (r1 - r0) * Wo
-        ct = np.empty((CKK, L), dtype=x.dtype)
-        _im2col_rows(x, n, geom, r0, r1, Wo, ct)
-        yn = y[n].reshape(Ho * Wo, K)
-        np.dot(ct.T, wcol, yn[r0 * Wo:r1 * Wo])
-        if stats:
-            _band_stats(yn, r0 * Wo, r1 * Wo, cnt[t], mean[t], m2[t])
-
-
-def conv_fwd(x, wcol, geom, rb, stats, y, mv):
-    """Dense conv of an NCHW input with few channels (the stem) into NHWC: per task (image,
-    band of rb output rows) the transposed im2col ct (C*k*k, rb*Wo) and one GEMM
-    y_band (rb*Wo, K) = ct^T @ wcol (C*k*k, K); statistics of y as in ``pointwise_fwd``."""
-    T = x.shape[0] * -(-y.shape[1] // rb)
-    st = stat_parts(T, wcol.shape[1])
-    run_tasks(_conv_fwd_tasks, T, _stem_sizes(x, y, geom, rb) + (stats,), (x, wcol, y), (st,))
-    if stats:
-        _merge_stats(st, T, mv)
-
-
-def _stem_sizes(x, y, geom, rb):
-    """(N, C, H, W, Ho, Wo, K, k, s, p, d, rb) of the stem's NCHW x and channels-last y."""
-    return (*x.shape, *y.shape[1:], *geom, rb)
-
-
-@task_kernel
-def _conv_bwd_weight_tasks(t0, t1, sz, x, y, dz, kc, _e, _f, _g, bc, part):
-    """sz = stem sizes + (act, mode); bc (6, K); part (T, C*k*k, K)."""
-    N, C, H, W, Ho, Wo, K, rb, act, mode = (sz[0], sz[1], sz[2], sz[3], sz[4], sz[5], sz[6], sz[11],
-                                            sz[12], sz[13])
-    geom = (sz[7], sz[8], sz[9], sz[10])
-    CKK = C * sz[7] * sz[7]
-    x, y, dz = x.reshape(N, C, H, W), y.reshape(N, Ho, Wo, K), dz.reshape(N, Ho, Wo, K)
-    nb = (Ho + rb - 1) // rb
-    bc, part = bc.reshape(6, K), part.reshape(N * nb, CKK, K)
-    M = np.float64(N * Ho * Wo)
-    for t in range(t0, t1):
-        n, r0 = t // nb, (t % nb) * rb
-        r1 = min(Ho, r0 + rb)
-        L = (r1 - r0) * Wo
-        ct = np.empty((CKK, L), dtype=x.dtype)
-        g = np.empty((L, K), dtype=x.dtype)
-        tmp = np.empty((CKK, K), dtype=x.dtype)
-        _im2col_rows(x, n, geom, r0, r1, Wo, ct)
-        _dy_rows(y[n].reshape(Ho * Wo, K), dz[n].reshape(Ho * Wo, K), r0 * Wo, r1 * Wo, bc,
-                 act, mode, M, kc, g)
-        np.dot(ct, g, tmp)
-        for r in range(CKK):
-            for c in range(K):
-                part[t, r, c] += tmp[r, c]
-
-
-def conv_bwd_weight(x, y, dz, bc, act, mode, kc, geom, rb, dw):
-    """dW of ``conv_fwd`` (C*k*k, K) = sum over bands of ct @ dy_band (dL/dy formed per band
-    as in ``pointwise_bwd``); float64 sums per task, merged in task order."""
-    T = x.shape[0] * -(-dz.shape[1] // rb)
-    part = np.zeros((T,) + dw.shape)
-    run_tasks(_conv_bwd_weight_tasks, T, _stem_sizes(x, dz, geom, rb) + (act, mode),
-              (x, y, dz, kc), (bc, part))
-    sum_parts(part, dw)
-
-
-# The backward's task kernels of this module, in the order a training step first calls them.
-BACKWARD_TASKS = (_depthwise_bwd_tasks, _conv_bwd_weight_tasks)
+def im2col(x, geom, Ho, Wo):
+    """The (N*Ho*Wo, C*k*k) im2col rows of an NCHW input x (N, C, H, W) for geom (k, s, p, d):
+    a dense conv is then ``cols @ w.reshape(K, C*k*k).T``."""
+    N, C = x.shape[:2]
+    cols = np.empty((N * Ho * Wo, C * geom[0] * geom[0]), dtype=x.dtype)
+    run_tasks(_im2col_tasks, N * Ho, (*x.shape, Ho, Wo, *geom), (x, cols))
+    return cols

@@ -9,8 +9,8 @@ Backward: g = act'(BN(y)) * dz, dy from batch norm's backward (``batchnorm.py``)
 convolution's dx and dW from dy.
 
 ``kind`` names the convolution: "pointwise" (1x1: expansion, projection, the last conv),
-"depthwise" (groups = C) or "conv" (dense, the 3-channel stem; other dense convs run the
-separate kernels). The naive version is literally the two naive kernels in a row. The fast one
+"depthwise" (groups = C) or "conv" (dense, the 3-channel stem: run as a 1x1 convolution of
+its im2col rows; other dense convs run the separate kernels). The naive version is literally the two naive kernels in a row. The fast one
 runs on channels-last memory (``channels_last.py``) in three passes over y each way:
 forward  1. the convolution, one band of pixels at a time, and the batch statistics of the band
             while it is in cache;  2. z = act(alpha*y + beta) (y is kept for the backward);
@@ -54,7 +54,7 @@ from .channels_last import (
     pointwise_fwd,
     to_nhwc,
 )
-from .channels_last_conv import conv_bwd_weight, conv_fwd, depthwise_bwd, depthwise_fwd, flat_taps
+from .channels_last_conv import depthwise_bwd, depthwise_fwd, flat_taps, im2col
 from .conv2d import (
     DIRECT_MAX_TAPS,
     Conv2dCache,
@@ -72,7 +72,15 @@ from .epilogue import act_code
 from .threads import single_threaded_blas
 
 KINDS = ("conv", "pointwise", "depthwise")
-BACKWARD_TASKS = channels_last.BACKWARD_TASKS + channels_last_conv.BACKWARD_TASKS
+# The task kernels of a training step, in the order MobileNetV3's first step needs them (stem,
+# blocks, SE, then the backward): on an empty cache a helper process compiles them from the end
+# of the list while this one compiles from its start (``callbacks.compile_ahead``).
+TRAINING_TASKS = (channels_last_conv._im2col_tasks, channels_last._pointwise_fwd_tasks,
+                  channels_last._affine_act_tasks, channels_last_conv._depthwise_fwd_tasks,
+                  channels_last._mean_pixels_tasks, channels_last._scale_pixels_tasks,
+                  channels_last._grad_sums_tasks, channels_last._pointwise_bwd_tasks,
+                  channels_last._dot_pixels_tasks, channels_last._scale_add_pixels_tasks,
+                  channels_last_conv._depthwise_bwd_tasks)
 
 
 class ConvBNActCache(NamedTuple):
@@ -170,10 +178,11 @@ def _conv_fwd_fast(x, w, kind, stride, padding, dilation, stats):
         return y, mv, DepthwiseCache(nchw_view(xl), w, False, stride, padding, dilation)
     Ho, Wo = _check_conv_args(x, w, None, stride, padding, dilation, 1)
     xc = np.ascontiguousarray(x)                                       # NCHW input (the image)
-    CKK = w.shape[1] * w.shape[2] * w.shape[3]
+    cols = im2col(xc, (w.shape[2], stride, padding, dilation), Ho, Wo)  # (P, C*k*k)
     y = np.empty((x.shape[0], Ho, Wo, K), x.dtype)
-    conv_fwd(xc, np.ascontiguousarray(w.reshape(K, CKK).T), (w.shape[2], stride, padding,
-             dilation), band_rows(CKK * Wo, Ho), stats, y, mv)
+    CKK = cols.shape[1]
+    pointwise_fwd(cols, np.ascontiguousarray(w.reshape(K, CKK).T), band_rows(CKK + K, len(cols)),
+                  num_tasks(len(cols)), stats, y.reshape(-1, K), mv)
     return y, mv, Conv2dCache(xc, w, False, stride, padding, dilation, 1)
 
 
@@ -191,8 +200,8 @@ def conv_bn_act_forward_fast(x, w, weight, bias, running_mean, running_var, *, k
             momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked,
             keep_pre=keep_pre)
         return z, ConvBNActCache(kind, c_conv, c_bn), stats
-    if training:        # the backward's loops, on an empty cache: compiled meanwhile elsewhere
-        compile_ahead(BACKWARD_TASKS, x.dtype)
+    if training:        # on an empty cache: the step's loops, half of them compiled elsewhere
+        compile_ahead(TRAINING_TASKS, x.dtype)
     with single_threaded_blas():
         y, mv, c_conv = _conv_fwd_fast(x, w, kind, stride, padding, dilation, training)
         K = y.shape[3]
@@ -263,17 +272,20 @@ def _conv_bwd_fast(kind, c, yl, dl, bc, code, mode, kc, need_dx):
         dx = nchw_view(dx) if need_dx else None                         # (computed anyway)
         return dx, np.ascontiguousarray(dwl.T).reshape(w.shape)
     Ho, Wo = yl.shape[1], yl.shape[2]
-    CKK = w.shape[1] * w.shape[2] * w.shape[3]
-    dwc = np.empty((CKK, K), dt)
-    conv_bwd_weight(c.x, yl, dl, bc, code, mode, kc, (w.shape[2], c.stride, c.padding,
-                    c.dilation), band_rows(CKK * Wo + K * Wo, Ho), dwc)
+    geom = (w.shape[2], c.stride, c.padding, c.dilation)
+    cols = im2col(np.ascontiguousarray(c.x), geom, Ho, Wo)              # (P, C*k*k) again
+    CKK = cols.shape[1]
+    dwc = np.empty((K, CKK), dt)
+    pointwise_bwd(cols, yl.reshape(-1, K), dl.reshape(-1, K),
+                  np.ascontiguousarray(w.reshape(K, CKK)), bc, code, mode, kc,
+                  grad_band_rows(CKK, K, len(cols)), num_tasks(len(cols)), False, cols[:0], dwc)
     dx = None
     if need_dx:                    # rare (the image's gradient): dy stored, the generic dx
         dy = np.empty_like(yl)
         bn_dx(yl.reshape(-1, K), dl.reshape(-1, K), bc, code, mode, kc,
               num_tasks(yl.size // K), dy.reshape(-1, K))
         dx = conv2d_backward(nchw_view(dy), c)[0]
-    return dx, np.ascontiguousarray(dwc.T).reshape(w.shape)
+    return dx, dwc.reshape(w.shape)
 
 
 # ----------------------------------------------------------------------------- public API
