@@ -112,28 +112,19 @@ def _band_stats(y, r0, r1, cnt, mean, m2):
     cnt[0] = tot
 
 
-@_jit
-def _merge_stats(st, T, mv):
-    """Chan-merge the T task statistics of ``st`` (``tasks.stat_parts``) in task order into
-    mv (2, K): the mean and the biased variance."""
+def merge_stats(st, T, mv):
+    """Merge the T task statistics of ``st`` (``tasks.stat_parts``) into mv (2, K): the mean and
+    the biased variance. With counts n_t, means m_t and M2_t per task, the batch's are
+
+        n = sum n_t,   mean = sum n_t m_t / n,   M2 = sum M2_t + sum n_t (m_t - mean)^2
+
+    (Chan et al.'s pairwise update summed over all tasks at once; float64, no E[y^2] - E[y]^2
+    cancellation). NumPy sums in a fixed order, so the result does not depend on the threads."""
     K = mv.shape[1]
-    cnt, mean, m2 = stat_views(st, T, K)
-    c0 = 0.0
-    for c in range(K):
-        mv[0, c] = 0.0
-        mv[1, c] = 0.0
-    for t in range(T):
-        n = cnt[t, 0]
-        if n == 0:
-            continue
-        tot = c0 + n
-        for c in range(K):
-            delta = mean[t, c] - mv[0, c]
-            mv[0, c] += delta * (n / tot)
-            mv[1, c] += m2[t, c] + delta * delta * (c0 * n / tot)
-        c0 = tot
-    for c in range(K):
-        mv[1, c] = max(mv[1, c] / c0, 0.0)
+    cnt, mean, m2 = st[:T, None], st[T:T + T * K].reshape(T, K), st[T + T * K:].reshape(T, K)
+    n = cnt.sum()
+    mv[0] = (cnt * mean).sum(axis=0) / n
+    mv[1] = np.maximum((m2.sum(axis=0) + (cnt * (mean - mv[0]) ** 2).sum(axis=0)) / n, 0.0)
 
 
 # Task kernels (``tasks.py``): ``kernel(t0, t1, sz, a..g, u, v)``, the order of ``n`` and of
@@ -155,7 +146,7 @@ def batch_stats(y, T, mv):
     """mv (2, K) = the mean and biased variance of each column of y (P, K)."""
     st = stat_parts(T, y.shape[1])
     run_tasks(_batch_stats_tasks, T, (*y.shape, T), (y,), (st,))
-    _merge_stats(st, T, mv)
+    merge_stats(st, T, mv)
 
 
 # ----------------------------------------------------------------------------- element-wise
@@ -276,7 +267,7 @@ def pointwise_fwd(x, wt, R, T, stats, y, mv):
     st = stat_parts(T, wt.shape[1])
     run_tasks(_pointwise_fwd_tasks, T, (*x.shape, wt.shape[1], R, T, stats), (x, wt, y), (st,))
     if stats:
-        _merge_stats(st, T, mv)
+        merge_stats(st, T, mv)
 
 
 @task_kernel
@@ -390,9 +381,3 @@ def scale_add_pixels(d3, g, share, out):
     """out[n, q, c] = d3[n, q, c] * g[n, c] + share[n, c]: SE's dx (the scale's branch plus
     the squeeze's, whose gradient is the same on every pixel)."""
     run_tasks(_scale_add_pixels_tasks, len(d3), d3.shape, (d3, g, share, out))
-
-
-# The backward's task kernels of this module, in the order a training step first calls them:
-# compiled by a helper process while a first training forward runs (``convbn``).
-BACKWARD_TASKS = (_grad_sums_tasks, _pointwise_bwd_tasks, _dot_pixels_tasks,
-                  _scale_add_pixels_tasks)
