@@ -144,6 +144,10 @@ def _hswish_bwd_loop(x, dout, z, three, half, dx):
 
 # Serial: in a training step these run on the SE gates and the classifier's (N, 1280) only
 # (every convolution fuses its activation); a prange loop compiled ~3x slower on an empty cache.
+# Below ``LOOP_MIN_SIZE`` elements the fast functions evaluate the naive NumPy expression
+# instead (the same operations in the same order, so the same bits): on arrays that small it is
+# as fast, and it spares a first training step the loops' compilation (~1 s on an empty cache).
+LOOP_MIN_SIZE = 1 << 16
 _jit = njit(cache=True)
 _relu_fwd = _jit(_relu_fwd_loop)
 _relu_bwd = _jit(_relu_bwd_loop)
@@ -153,6 +157,10 @@ _hsig_fwd = _jit(_hsig_fwd_loop)
 _hsig_bwd = _jit(_hsig_bwd_loop)
 _hswish_fwd = _jit(_hswish_fwd_loop)
 _hswish_bwd = _jit(_hswish_bwd_loop)
+
+
+def _small(x):
+    return x.size < LOOP_MIN_SIZE
 
 
 def _unary(kernel, x, *extra):
@@ -178,34 +186,50 @@ def _consts(x, *values):
 
 
 def relu_forward_fast(x):
+    if _small(x):
+        return relu_forward_naive(x)
     return _unary(_relu_fwd, x, *_consts(x, 0)), ActCache(x)
 
 
 def relu_backward_fast(dout, cache):
+    if _small(cache.x):
+        return relu_backward_naive(dout, cache)
     return _binary(_relu_bwd, cache, dout, *_consts(cache.x, 0))
 
 
 def relu6_forward_fast(x):
+    if _small(x):
+        return relu6_forward_naive(x)
     return _unary(_relu6_fwd, x, *_consts(x, 0, 6)), ActCache(x)
 
 
 def relu6_backward_fast(dout, cache):
+    if _small(cache.x):
+        return relu6_backward_naive(dout, cache)
     return _binary(_relu6_bwd, cache, dout, *_consts(cache.x, 0, 6))
 
 
 def hardsigmoid_forward_fast(x):
+    if _small(x):
+        return hardsigmoid_forward_naive(x)
     return _unary(_hsig_fwd, x, *_consts(x, 0, 3, 6)), ActCache(x)
 
 
 def hardsigmoid_backward_fast(dout, cache):
+    if _small(cache.x):
+        return hardsigmoid_backward_naive(dout, cache)
     return _binary(_hsig_bwd, cache, dout, *_consts(cache.x, 0, 3, HSIGMOID_SLOPE))
 
 
 def hardswish_forward_fast(x):
+    if _small(x):
+        return hardswish_forward_naive(x)
     return _unary(_hswish_fwd, x, *_consts(x, 0, 3, 6)), ActCache(x)
 
 
 def hardswish_backward_fast(dout, cache):
+    if _small(cache.x):
+        return hardswish_backward_naive(dout, cache)
     return _binary(_hswish_bwd, cache, dout, *_consts(cache.x, 0, 3, 0.5))
 
 

@@ -70,9 +70,13 @@ def _masked_scale_loops(a, keep, scale, out):
 
 
 _masked_scale = njit(cache=True)(_masked_scale_loops)     # (N, 1280) in MobileNetV3: serial
+LOOP_MIN_SIZE = 1 << 16     # below: the same expression in NumPy (no loop to compile; same bits)
 
 
 def _apply(a, keep, scale):
+    if a.size < LOOP_MIN_SIZE:
+        s = a.dtype.type(scale)
+        return np.where(keep, a * s, a * a.dtype.type(0))
     a = np.ascontiguousarray(a)
     out = np.empty_like(a)
     _masked_scale(a.reshape(-1), np.ascontiguousarray(keep).reshape(-1), a.dtype.type(scale),
