@@ -4,12 +4,13 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numba
 import numpy as np
 import pytest
 
-from npmnv3.kernels import callbacks, channels_last, tasks
+from npmnv3.kernels import callbacks, channels_last, convbn, tasks
 from npmnv3.kernels.channels_last import grad_sums, mean_pixels, pointwise_fwd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +53,7 @@ def test_task_kernels_take_contiguous_arrays_only():
 def test_the_signature_is_one_for_every_task_kernel():
     sig = tasks.task_signature(np.float32)
     assert len(sig.args) == 3 + tasks.F_SLOTS + tasks.D_SLOTS
-    assert all(cb.signature is tasks.task_signature for cb in channels_last.BACKWARD_TASKS)
+    assert all(cb.signature is tasks.task_signature for cb in convbn.TRAINING_TASKS)
 
 
 def _run(code, cache_dir, **env):
@@ -69,7 +70,7 @@ PROBE = """
     from npmnv3.kernels import callbacks
     from npmnv3.kernels.channels_last import _dot_pixels_tasks as a, _scale_pixels_tasks as b
     proc = callbacks.compile_ahead([a, b], np.float32)
-    print(proc is not None, proc.wait() if proc else None)
+    print(proc is not None, proc.proc.wait() if proc else None)
     print(a.cached(np.float32), b.cached(np.float32), a.cached(np.float64))
     print(callbacks.compile_ahead([a, b], np.float32) is None)      # considered once
 """
@@ -81,7 +82,7 @@ def test_a_helper_process_fills_the_cache(tmp_path):
     out = _run(PROBE, tmp_path)
     assert out == ["True", "0", "True", "True", "False", "True"]
     # a second process finds them cached and starts nothing
-    again = _run(PROBE.replace("print(proc is not None, proc.wait() if proc else None)",
+    again = _run(PROBE.replace("print(proc is not None, proc.proc.wait() if proc else None)",
                                "print(proc is None)"), tmp_path)
     assert again[0] == "True"
 
@@ -95,13 +96,13 @@ def test_a_failed_helper_only_costs_time(monkeypatch):
     """If the helper dies, the callback is compiled here, and computes the same."""
     monkeypatch.setattr(callbacks.sys, "executable", "/bin/false")
     monkeypatch.setattr(callbacks, "_CONSIDERED", set())
-    pair = channels_last.BACKWARD_TASKS[2:4]          # _dot_pixels_tasks, _scale_add_pixels_
+    pair = (channels_last._dot_pixels_tasks, channels_last._scale_add_pixels_tasks)
     for c in pair:
         monkeypatch.setattr(c, "cached", lambda dtype: False)
         monkeypatch.setattr(c, "_compiled", {})
     cb = pair[0]
     proc = callbacks.compile_ahead(pair, np.float64)
-    assert proc is not None and proc.wait() != 0
+    assert proc is not None and proc.proc.wait() != 0
     x3 = np.random.default_rng(1).standard_normal((3, 7, 5))
     d3 = np.random.default_rng(2).standard_normal((3, 7, 5))
     out = np.empty((3, 5))
@@ -111,23 +112,57 @@ def test_a_failed_helper_only_costs_time(monkeypatch):
     callbacks._PENDING.pop((pair[1].name, np.dtype(np.float64)), None)
 
 
-def test_a_stuck_helper_is_killed(monkeypatch, tmp_path):
-    """A helper that never finishes is killed after HELPER_TIMEOUT_S; the callback is compiled
-    here."""
-    stuck = tmp_path / "stuck"
-    stuck.write_text("#!/bin/sh\nsleep 60\n")
-    stuck.chmod(0o755)
-    monkeypatch.setattr(callbacks.sys, "executable", str(stuck))
-    monkeypatch.setattr(callbacks, "HELPER_TIMEOUT_S", 0.5)
+def _fake_helper(monkeypatch, tmp_path, script):
+    """compile_ahead on two callbacks with ``script`` (sh) as the helper; returns the Helper."""
+    fake = tmp_path / "helper"
+    fake.write_text("#!/bin/sh\n" + script)
+    fake.chmod(0o755)
+    monkeypatch.setattr(callbacks.sys, "executable", str(fake))
     monkeypatch.setattr(callbacks, "_CONSIDERED", set())
-    pair = channels_last.BACKWARD_TASKS[2:4]
+    pair = (channels_last._dot_pixels_tasks, channels_last._scale_add_pixels_tasks)
+    # the helper's arguments: -m MODULE DTYPE NAME0 NAME1
     for c in pair:
         monkeypatch.setattr(c, "cached", lambda dtype: False)
         monkeypatch.setattr(c, "_compiled", {})
-    proc = callbacks.compile_ahead(pair, np.float64)
+    helper = callbacks.compile_ahead(pair, np.float64)
+    return helper, pair
+
+
+def test_a_stuck_helper_is_killed(monkeypatch, tmp_path):
+    """A helper that starts the callback this process needs and never finishes is killed after
+    HELPER_TIMEOUT_S; the callback is compiled here."""
+    monkeypatch.setattr(callbacks, "HELPER_TIMEOUT_S", 0.5)
+    helper, pair = _fake_helper(monkeypatch, tmp_path, 'echo "start $4"\nsleep 60\n')
+    for _ in range(200):                                     # its report has arrived
+        if pair[0].name in helper.started:
+            break
+        time.sleep(0.05)
     x3 = np.ones((2, 3, 4))
     out = np.empty((2, 4))
-    channels_last.dot_pixels(x3, 2 * x3, out)
+    channels_last.dot_pixels(x3, 2 * x3, out)                # needs NAME0: waits, then kills
     np.testing.assert_array_equal(out, 6.0)
-    assert proc.wait(timeout=5) != 0                         # killed
+    assert helper.proc.wait(timeout=5) != 0                  # killed
+    callbacks._PENDING.pop((pair[1].name, np.dtype(np.float64)), None)
+
+
+def test_a_callback_the_helper_has_not_started_is_compiled_here(monkeypatch, tmp_path):
+    """No waiting for a callback the helper has not started: this process compiles it and
+    tells the helper to skip it ("taken NAME" on its stdin)."""
+    monkeypatch.setattr(callbacks, "HELPER_TIMEOUT_S", 120)
+    seen = tmp_path / "seen"
+    helper, pair = _fake_helper(monkeypatch, tmp_path, f'read line\necho "$line" > {seen}\n'
+                                                       'sleep 60\n')
+    x3 = np.ones((2, 3, 4))
+    out = np.empty((2, 4))
+    t = time.perf_counter()
+    channels_last.dot_pixels(x3, 2 * x3, out)
+    assert time.perf_counter() - t < 60                      # did not wait for the helper
+    np.testing.assert_array_equal(out, 6.0)
+    helper.proc.stdin.close()
+    for _ in range(100):
+        if seen.exists() and seen.read_text():
+            break
+        time.sleep(0.05)
+    assert seen.read_text().split() == ["taken", pair[0].name]
+    helper.proc.kill()
     callbacks._PENDING.pop((pair[1].name, np.dtype(np.float64)), None)

@@ -12,11 +12,17 @@ first prediction spends most of its time there, with the other core idle. ``comp
 hands the callbacks needed *later* (the backward loops, while the forward runs; the engine's
 block steps, while the stem's compiles) to one helper process,
 ``python -m npmnv3.kernels.callbacks DTYPE NAME...``, which compiles them into Numba's on-disk
-cache and exits; when this process reaches one of them it waits for the helper and loads the
-result from the cache. If the helper fails for any reason, this process compiles the callback
-itself: the helper only ever saves time. It is started only for callbacks missing from the
-cache (so never on a warm machine), never from a helper, and not at all with
-``NPMNV3_COMPILE_HELPER=0``.
+cache and exits. The two processes split the list from its two ends: the helper works from the
+last callback backwards, reporting ``start NAME`` / ``done NAME`` on its stdout; when this process
+needs one, it loads it from the cache if the helper is done with it, waits if the helper is
+compiling it, and otherwise compiles it itself and tells the helper (``taken NAME`` on its
+stdin) so the helper skips it. So neither process idles while the other has work left, and a
+list given in the order of need is finished by whichever gets there first.
+
+If the helper fails for any reason, this process compiles the callback itself: the helper only
+ever saves time (one compiling a callback for longer than ``HELPER_TIMEOUT_S`` is killed). It is
+started only for callbacks missing from the cache (so never on a warm machine), never from a
+helper, and not at all with ``NPMNV3_COMPILE_HELPER=0``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -31,10 +38,10 @@ from numba import cfunc
 from numba.core import event
 
 REGISTRY: dict[str, Callback] = {}     # "module.qualname" -> Callback (what a helper compiles)
-_PENDING: dict[tuple, subprocess.Popen] = {}     # (name, dtype) -> the helper compiling it
+_PENDING: dict[tuple, Helper] = {}     # (name, dtype) -> the helper that may compile it
 _CONSIDERED: set[tuple] = set()                 # (name, dtype) pairs compile_ahead has seen
 ENV = "NPMNV3_COMPILE_HELPER"
-HELPER_TIMEOUT_S = 300          # a helper compiles in ~10 s here; one that hangs is killed
+HELPER_TIMEOUT_S = 300          # a callback compiles in ~1-2 s here; a helper that hangs is killed
 
 
 class Callback:
@@ -53,11 +60,8 @@ class Callback:
         key = np.dtype(dtype)
         if key not in self._compiled:
             helper = _PENDING.pop((self.name, key), None)
-            if helper is not None:     # it is compiling this one into the cache: load it after
-                try:
-                    helper.wait(timeout=HELPER_TIMEOUT_S)
-                except subprocess.TimeoutExpired:     # stuck: compile here instead
-                    helper.kill()
+            if helper is not None:     # loaded from the cache if the helper compiled it
+                helper.claim(self.name)
             # A cfunc fires no compile event of its own: announce it as a dispatcher would, so
             # the benchmarks' per-function compile times (numba:compile listeners) include it.
             data = {"dispatcher": SimpleNamespace(py_func=self.py_func)}
@@ -79,9 +83,68 @@ class Callback:
         return any(key[0] == sig for key in overloads)
 
 
-def compile_ahead(callbacks, dtype) -> subprocess.Popen | None:
-    """Start one helper process compiling those of ``callbacks`` that are neither compiled in
-    this process nor in the cache; returns it (None if there was nothing to do)."""
+class Helper:
+    """A helper process and what it reports: the names it has started and finished."""
+
+    def __init__(self, names, dtype):
+        env = dict(os.environ, **{ENV: "0"})                 # a helper never starts another one
+        self.proc = subprocess.Popen([sys.executable, "-m", __name__, dtype.name, *names],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, env=env, text=True, bufsize=1)
+        self.names, self.taken = set(names), set()
+        self.started, self.done, self.ended = set(), set(), False
+        self._cond = threading.Condition()
+        _RUNNING.append(self)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            word, _, name = line.strip().partition(" ")
+            with self._cond:
+                (self.started if word == "start" else self.done).add(name)
+                self._cond.notify_all()
+        self.proc.wait()
+        with self._cond:                    # exited (or killed): nothing more will come
+            self.ended = True
+            self._cond.notify_all()
+
+    def busy(self) -> bool:
+        """Whether it is still compiling something (not merely exiting)."""
+        return not self.ended and bool(self.names - self.done - self.taken)
+
+    def claim(self, name) -> None:
+        """Return once ``name`` is this process's to load (the helper compiled it into the
+        cache) or to compile (the helper has not started it: it is told to skip it; it failed;
+        or it took longer than ``HELPER_TIMEOUT_S`` and was killed)."""
+        with self._cond:
+            if name not in self.started and not self.ended:
+                self.taken.add(name)
+                try:
+                    self.proc.stdin.write(f"taken {name}\n")
+                    self.proc.stdin.flush()
+                except OSError:             # it exited meanwhile
+                    pass
+                return
+            if not self._cond.wait_for(lambda: name in self.done or self.ended,
+                                       HELPER_TIMEOUT_S):
+                self.proc.kill()            # stuck: compile here instead
+
+
+_RUNNING: list[Helper] = []       # helpers started by this process
+
+
+def helper_running() -> bool:
+    """Whether a helper is compiling on the other core(s) right now (``tasks.run_tasks`` then
+    runs its loops on one thread: a second one would wait for a core at every barrier)."""
+    if _RUNNING and not any(h.busy() for h in _RUNNING):
+        _RUNNING.clear()
+    return bool(_RUNNING)
+
+
+def compile_ahead(callbacks, dtype) -> Helper | None:
+    """Start one helper process compiling those of ``callbacks`` (given in the order this
+    process will need them) that are neither compiled in this process nor in the cache; the
+    helper takes them from the end of the list. Returns it (None if there was nothing to do)."""
     key = np.dtype(dtype)
     todo = [cb for cb in callbacks if (cb.name, key) not in _CONSIDERED]
     if not todo:                       # the common case: a cheap no-op after the first call
@@ -92,13 +155,10 @@ def compile_ahead(callbacks, dtype) -> subprocess.Popen | None:
     todo = [cb for cb in todo if key not in cb._compiled and not cb.cached(key)]
     if len(todo) < 2:                  # one callback: not worth a process start
         return None
-    env = dict(os.environ, **{ENV: "0"})                 # a helper never starts another one
-    proc = subprocess.Popen([sys.executable, "-m", __name__, key.name, *[cb.name for cb in todo]],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
+    helper = Helper([cb.name for cb in todo], key)
     for cb in todo:
-        _PENDING[(cb.name, key)] = proc
-    return proc
+        _PENDING[(cb.name, key)] = helper
+    return helper
 
 
 def _jit_disabled() -> bool:
@@ -107,13 +167,32 @@ def _jit_disabled() -> bool:
 
 
 def main(argv) -> int:
-    """The helper: compile the named callbacks for the dtype into the cache."""
+    """The helper: compile the named callbacks for the dtype into the cache, last first,
+    skipping those the parent has taken (``Helper.claim``)."""
     import importlib
     dtype, names = np.dtype(argv[0]), argv[1:]
-    for name in names:
+    taken = set()
+
+    def listen():
+        for line in sys.stdin:
+            taken.add(line.strip().partition(" ")[2])
+    threading.Thread(target=listen, daemon=True).start()
+    for name in reversed(names):
+        if name in taken:
+            continue
+        _report("start", name)
         importlib.import_module(name.rsplit(".", 1)[0])
         REGISTRY[name].compiled(dtype)
+        _report("done", name)
     return 0
+
+
+def _report(word, name):
+    """One line to the parent; if it has exited, keep compiling into the cache regardless."""
+    try:
+        print(word, name, flush=True)
+    except OSError:
+        sys.stdout = open(os.devnull, "w")
 
 
 if __name__ == "__main__":
