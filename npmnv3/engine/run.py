@@ -346,21 +346,21 @@ def step_function(typingctx, addr, k, wb):
 _STEP_CALLBACKS = tuple(Callback(f.py_func, lambda dt, k=k: step_signatures(dt)[k])
                         for k, f in enumerate(STEPS))
 _TASK = Callback(task, task_signature)
-_HELPER_STEPS = (1, 3)      # block_front, block_back: about half of the compile work
+_ORDER = (_TASK,) + tuple(_STEP_CALLBACKS[k] for k in (0, 2, 4, 1, 3))   # block steps last
 
 
 def compiled(dtype):
     """``(task, step addresses)`` for ``dtype`` (float32 or float64), C callbacks made on first
     use: the first two arguments of ``forward``. On an empty Numba cache a helper process
-    compiles ``block_front`` and ``block_back`` while this one compiles ``task`` and the other
-    steps; then those two load from the cache."""
+    compiles them from the end of ``_ORDER`` (the block steps, about half of the work) while
+    this one compiles from its start; each is loaded from the cache if the helper made it."""
     key = np.dtype(dtype)
     if key not in _COMPILED:
-        compile_ahead([_STEP_CALLBACKS[k] for k in _HELPER_STEPS], key)
-        fn = _TASK.compiled(key)
-        mine = [k for k in range(len(STEPS)) if k not in _HELPER_STEPS]
-        addrs = {k: _STEP_CALLBACKS[k].address(key) for k in mine + list(_HELPER_STEPS)}
-        _COMPILED[key] = (fn, np.array([addrs[k] for k in range(len(STEPS))], dtype=np.int64))
+        compile_ahead(_ORDER, key)
+        for cb in _ORDER:
+            cb.compiled(key)
+        addrs = [cb.address(key) for cb in _STEP_CALLBACKS]
+        _COMPILED[key] = (_TASK.compiled(key), np.array(addrs, dtype=np.int64))
     return _COMPILED[key]
 
 

@@ -112,7 +112,7 @@ def run_tasks(kernel: Callback, T: int, sizes, arrays=(), doubles=()) -> None:
 
 def stat_parts(T: int, K: int) -> np.ndarray:
     """Per-task running statistics in one float64 buffer: count (T,), mean (T, K), M2 (T, K)
-    (``stat_views``), for ``channels_last._band_stats`` / ``_merge_stats``."""
+    (``stat_views``), for ``channels_last._band_stats`` / ``merge_stats``."""
     return np.zeros(T * (1 + 2 * K))
 
 
