@@ -171,8 +171,6 @@ def main(argv) -> int:
     skipping those the parent has taken (``Helper.claim``)."""
     import importlib
     dtype, names = np.dtype(argv[0]), argv[1:]
-    if hasattr(os, "nice"):            # the parent's threads come first when they need a core
-        os.nice(19)
     taken = set()
 
     def listen():
