@@ -176,6 +176,16 @@ def conv1_pixels(t, wb, x, y, pool, kc, q0, q1):
             pool[c] += Y[q, c]
 
 
+@njit(cache=True)
+def classifier_rows(layer, wb, fc, kc, xt, out, r0, r1):
+    """Output rows [r0, r1) of classifier layer ``layer`` (0: linear + hard-swish, 1: linear)
+    for the batch stored feature-major: xt (I, N) -> out (O, N); weights at ``fc``'s offsets."""
+    O, I = out.shape[0], xt.shape[0]
+    w_off, b_off = fc[2 * layer], fc[2 * layer + 1]
+    linear_rows(mat(wb, w_off, O, I), xt, wb[b_off:b_off + O], 2 if layer == 0 else 0, kc, r0,
+                r1, out)
+
+
 # ----------------------------------------------------------------------------- drivers
 #
 # One parallel loop in the whole engine (``forward``): a list of phases, each run by T tasks
@@ -208,7 +218,7 @@ def task(steps, ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, t
     addresses of the step functions above, compiled as C callbacks (``compiled``)."""
     stem_rows, block_front = step_function(steps[0], 0, wb), step_function(steps[1], 1, wb)
     block_gate, block_back = step_function(steps[2], 2, wb), step_function(steps[3], 3, wb)
-    conv1_pixels = step_function(steps[4], 4, wb)
+    conv1_pixels, classifier_rows = step_function(steps[4], 4, wb), step_function(steps[5], 5, wb)
     act, dw, band, nacc, chan, sq = sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5]
     s = sc[c]
     E, acc, h = s[:band], s[band:band + nacc], s[band + nacc:band + nacc + sq]
@@ -221,12 +231,10 @@ def task(steps, ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, t
         wsl = ws[0]
         n_lo, n_hi, j_lo, j_hi, share = n0, n0 + 1, i, i + 1, T
     else:
-        w_off, b_off = (fc[0], fc[1]) if ph == CLS0 else (fc[2], fc[3])
         xt = pooled_t if ph == CLS0 else hidden_t
         out = hidden_t if ph == CLS0 else logits_t
-        O, I = out.shape[0], xt.shape[0]
-        linear_rows(mat(wb, w_off, O, I), xt, wb[b_off:b_off + O], 2 if ph == CLS0 else 0, kc,
-                    c * O // T, (c + 1) * O // T, out)
+        O = out.shape[0]
+        classifier_rows(ph - CLS0, wb, fc, kc, xt, out, c * O // T, (c + 1) * O // T)
         return
     a0, a1, D = wsl[:act], wsl[act:2 * act], wsl[2 * act:2 * act + dw]
     pool = pools[c]
@@ -281,15 +289,15 @@ def task(steps, ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, t
 # the parallel loop's body and ``forward`` each held a copy of the whole engine, and an empty
 # cache spent ~28 s there (17 s once ``task`` alone was a callback, ~12.5 s now). So three
 # levels are compiled once each, as C callbacks (``cfunc``, one per dtype) called through
-# pointers: the step functions (``stem_rows``,
-# ``block_front``, ``block_gate``, ``block_back``, ``conv1_pixels``; each links only its own
-# kernels), ``task`` (which receives the steps' addresses as arguments, so it holds no copy of
+# pointers: the step functions (``stem_rows``, ``block_front``, ``block_gate``, ``block_back``,
+# ``conv1_pixels``, ``classifier_rows``; each links only its own kernels), ``task`` (which
+# receives the steps' addresses as arguments, so it holds no copy of
 # them), and ``forward``'s parallel loop (which receives ``task``'s). Addresses travel as
 # arguments (the steps' in an int64 array, ``step_function`` turns one back into a callable),
 # never as globals, so every level stays cacheable, and ``forward`` has one
 # signature per dtype. A call through a pointer costs nanoseconds; there are a few per step.
-# Fixed signatures also let a helper process compile half of the callbacks on an empty cache
-# (``compiled``; Large: 14.2-15.8 -> 9.6-12.1 s to the first prediction, benchmarks/README.md).
+# Fixed signatures also let a helper process compile about half of the callbacks on an empty
+# cache (``compiled``; benchmarks/README.md, "Task kernels and the compile helper").
 
 
 def _types(dtype):
@@ -303,14 +311,15 @@ def _types(dtype):
 
 
 def step_signatures(dtype):
-    """The C signatures of the five step functions, in ``task``'s argument order."""
+    """The C signatures of the six step functions, in ``task``'s argument order."""
     a = _types(dtype)
     row, i, v, pool = a.ints, a.i, a.vec, a.pool
     return (types.void(row, v, a.img, v, v, v, i, i),                       # stem_rows
             types.void(row, v, v, v, v, v, v, pool, v, i, i),               # block_front
             types.void(row, v, pool, v, v, v),                              # block_gate
             types.void(row, v, v, v, v, v, v, i, i),                        # block_back
-            types.void(row, v, v, v, pool, v, i, i))                        # conv1_pixels
+            types.void(row, v, v, v, pool, v, i, i),                        # conv1_pixels
+            types.void(i, v, row, v, a.mat2, a.mat2, i, i))                 # classifier_rows
 
 
 def task_signature(dtype):
@@ -321,7 +330,7 @@ def task_signature(dtype):
                       v, a.ints, m, m, m, m, i)
 
 
-STEPS = (stem_rows, block_front, block_gate, block_back, conv1_pixels)
+STEPS = (stem_rows, block_front, block_gate, block_back, conv1_pixels, classifier_rows)
 _COMPILED = {}
 
 
@@ -346,7 +355,7 @@ def step_function(typingctx, addr, k, wb):
 _STEP_CALLBACKS = tuple(Callback(f.py_func, lambda dt, k=k: step_signatures(dt)[k])
                         for k, f in enumerate(STEPS))
 _TASK = Callback(task, task_signature)
-_ORDER = (_TASK,) + tuple(_STEP_CALLBACKS[k] for k in (0, 2, 4, 1, 3))   # block steps last
+_ORDER = (_TASK,) + tuple(_STEP_CALLBACKS[k] for k in (0, 2, 4, 5, 1, 3))   # block steps last
 
 
 def compiled(dtype):

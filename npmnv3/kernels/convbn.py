@@ -10,8 +10,9 @@ convolution's dx and dW from dy.
 
 ``kind`` names the convolution: "pointwise" (1x1: expansion, projection, the last conv),
 "depthwise" (groups = C) or "conv" (dense, the 3-channel stem: run as a 1x1 convolution of
-its im2col rows; other dense convs run the separate kernels). The naive version is literally the two naive kernels in a row. The fast one
-runs on channels-last memory (``channels_last.py``) in three passes over y each way:
+its im2col rows; other dense convs run the separate kernels). The naive version is literally
+the two naive kernels in a row. The fast one runs on channels-last memory
+(``channels_last.py``) in three passes over y each way:
 forward  1. the convolution, one band of pixels at a time, and the batch statistics of the band
             while it is in cache;  2. z = act(alpha*y + beta) (y is kept for the backward);
 backward 1. the sums of g and g * (y - mean) (dweight, dbias);  2. per band, dy from y and dz,
