@@ -166,3 +166,20 @@ def test_a_callback_the_helper_has_not_started_is_compiled_here(monkeypatch, tmp
     assert seen.read_text().split() == ["taken", pair[0].name]
     helper.proc.kill()
     callbacks._PENDING.pop((pair[1].name, np.dtype(np.float64)), None)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_a_forked_child_does_not_wait_for_the_parents_helper(monkeypatch, tmp_path):
+    """A child forked while a helper runs (a data-loading worker, say) forgets it: the helper's
+    reports reach the parent's reader thread only."""
+    helper, pair = _fake_helper(monkeypatch, tmp_path, 'echo "start $4"\nsleep 60\n')
+    assert callbacks._PENDING and callbacks.helper_running()
+    pid = os.fork()
+    if pid == 0:                                              # the child
+        os._exit(0 if not callbacks._PENDING and not callbacks.helper_running() else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert callbacks._PENDING                                 # the parent keeps its own
+    helper.proc.kill()
+    for c in pair:
+        callbacks._PENDING.pop((c.name, np.dtype(np.float64)), None)

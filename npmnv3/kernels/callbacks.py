@@ -141,6 +141,17 @@ def helper_running() -> bool:
     return bool(_RUNNING)
 
 
+def _forget_helpers():
+    """In a forked child: the helpers belong to the parent (their reader threads did not fork),
+    so the child compiles whatever it needs itself."""
+    _PENDING.clear()
+    _RUNNING.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_helpers)
+
+
 def compile_ahead(callbacks, dtype) -> Helper | None:
     """Start one helper process compiling those of ``callbacks`` (given in the order this
     process will need them) that are neither compiled in this process nor in the cache; the
