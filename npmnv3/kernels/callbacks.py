@@ -9,15 +9,16 @@ compiled ahead, elsewhere.
 
 Numba compiles under one global lock, on one core. On an empty cache a first training step or a
 first prediction spends most of its time there, with the other core idle. ``compile_ahead``
-hands the callbacks needed *later* (the backward loops, while the forward runs; the engine's
-block steps, while the stem's compiles) to one helper process,
+hands the list of callbacks a program is about to need, in the order it will need them (a
+training step's eleven loops; the engine's seven callbacks), to one helper process,
 ``python -m npmnv3.kernels.callbacks DTYPE NAME...``, which compiles them into Numba's on-disk
 cache and exits. The two processes split the list from its two ends: the helper works from the
 last callback backwards, reporting ``start NAME`` / ``done NAME`` on its stdout; when this process
 needs one, it loads it from the cache if the helper is done with it, waits if the helper is
 compiling it, and otherwise compiles it itself and tells the helper (``taken NAME`` on its
-stdin) so the helper skips it. So neither process idles while the other has work left, and a
-list given in the order of need is finished by whichever gets there first.
+stdin) so the helper skips it. So neither process idles while the other has work left. (If both
+start the same callback at the same moment, both compile it; Numba writes its cache files
+atomically.)
 
 If the helper fails for any reason, this process compiles the callback itself: the helper only
 ever saves time (one compiling a callback for longer than ``HELPER_TIMEOUT_S`` is killed). It is

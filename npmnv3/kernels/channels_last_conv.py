@@ -201,8 +201,8 @@ def depthwise_bwd(x, y, dz, w, bc, act, mode, kc, geom, flat, dx, dw, db):
 # A dense convolution with few taps (the 3-channel stem: C*k*k = 27) is a 1x1 convolution of
 # its im2col rows: cols (N*Ho*Wo, C*k*k) @ W^T, so the forward and the weight gradient are
 # ``pointwise_fwd`` / ``pointwise_bwd`` (their GEMM bands, batch statistics and dL/dy) on cols,
-# and the only loop of its own is the gather below. The backward gathers cols again (27 values
-# per pixel: cheaper than keeping them, 1.7x the stem's output).
+# and the only loop of its own is the gather below. The backward gathers cols again rather than
+# keeping 27 values per pixel (1.7x the stem's output) alive between the two passes.
 
 @task_kernel
 def _im2col_tasks(t0, t1, sz, x, cols, _c, _d, _e, _f, _g, _u, _v):
