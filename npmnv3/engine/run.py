@@ -29,7 +29,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..kernels.callbacks import Callback, compile_ahead
+from ..kernels.callbacks import Callback, Warmup, compile_ahead
 from ..kernels.nhwc import (
     conv_rows,
     depthwise_rows,
@@ -69,6 +69,7 @@ from .plan import (
     F_WE,
     F_WO,
     F_WP,
+    NF,
     STEM,
 )
 
@@ -355,18 +356,42 @@ def step_function(typingctx, addr, k, wb):
 _STEP_CALLBACKS = tuple(Callback(f.py_func, lambda dt, k=k: step_signatures(dt)[k])
                         for k, f in enumerate(STEPS))
 _TASK = Callback(task, task_signature)
+
+
+def _no_task(steps, ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs, feats,
+             pooled_t, hidden_t, logits_t, n0):
+    """Stands in for ``task`` (same signature, so the same argument type for ``forward``) when
+    ``forward`` is compiled ahead: a helper need not compile ``task`` first."""
+    return
+
+
+_NO_TASK = Callback(_no_task, task_signature)
+
+
+def _forward_ahead(dtype):
+    """Call ``forward`` on zero phases with arrays of the engine's types (nothing runs)."""
+    f, i8 = np.dtype(dtype), np.int64
+    v, m = np.zeros(0, f), np.zeros((0, 0), f)
+    forward(_NO_TASK.compiled(f), np.zeros(len(STEPS), i8), np.zeros((0, 2), i8), 1,
+            np.zeros((0, NF), i8), v, v, np.zeros(4, i8), np.zeros((0, 3, 1, 1), f), m, m,
+            np.zeros((0, 0)), np.zeros(6, i8), v, np.zeros(0, i8), m, m, m, m, 0)
+
+
 _ORDER = (_TASK,) + tuple(_STEP_CALLBACKS[k] for k in (0, 2, 4, 5, 1, 3))   # block steps last
+_FORWARD = None                 # the Warmup of ``forward`` (made below, once it is defined)
 
 
 def compiled(dtype):
     """``(task, step addresses)`` for ``dtype`` (float32 or float64), C callbacks made on first
     use: the first two arguments of ``forward``. On an empty Numba cache a helper process
-    compiles them from the end of ``_ORDER`` (the block steps, about half of the work) while
-    this one compiles from its start; each is loaded from the cache if the helper made it."""
+    compiles them from the end of the list (the block steps, about half of the work, then
+    ``forward`` itself, on zero phases) while this one compiles from its start; each is loaded
+    from the cache if the helper made it."""
     key = np.dtype(dtype)
     if key not in _COMPILED:
-        compile_ahead(_ORDER, key)
-        for cb in _ORDER:
+        order = _ORDER[:-2] + (_FORWARD,) + _ORDER[-2:]     # forward, then the block steps
+        compile_ahead(order, key)
+        for cb in order:
             cb.compiled(key)
         addrs = [cb.address(key) for cb in _STEP_CALLBACKS]
         _COMPILED[key] = (_TASK.compiled(key), np.array(addrs, dtype=np.int64))
@@ -383,3 +408,6 @@ def forward(task, steps, phases, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, t
         for c in prange(T):     # c is uint64 inside the parallel loop: task takes an int64
             task(steps, ph, i, np.int64(c), T, tab, wb, kc, fc, xs, ws, sc, pools,
                  sizes, trace, toffs, feats, pooled_t, hidden_t, logits_t, n0)
+
+
+_FORWARD = Warmup(forward, _forward_ahead, 5)       # argument 5: wb, an array of the dtype

@@ -67,8 +67,11 @@ class Callback:
             # the benchmarks' per-function compile times (numba:compile listeners) include it.
             data = {"dispatcher": SimpleNamespace(py_func=self.py_func)}
             with event.trigger_event("numba:compile", data=data):
-                self._compiled[key] = cfunc(self.signature(key), cache=True)(self.py_func)
+                self._compiled[key] = self._build(key)
         return self._compiled[key]
+
+    def _build(self, dtype):
+        return cfunc(self.signature(dtype), cache=True)(self.py_func)
 
     def address(self, dtype) -> int:
         return self.compiled(dtype).address
@@ -82,6 +85,31 @@ class Callback:
             return False
         sig = self.signature(np.dtype(dtype))
         return any(key[0] == sig for key in overloads)
+
+
+class Warmup(Callback):
+    """A Numba dispatcher (a ``parallel=True`` function cannot be a C callback) handled like a
+    callback: ``call(dtype)`` calls it once with arguments of the program's types that do no
+    work, which compiles it into the cache (or loads it). ``arg``: the position of an array
+    argument of the data's dtype, to read the cache's index."""
+
+    def __init__(self, dispatcher, call, arg):
+        super().__init__(dispatcher.py_func, None)
+        self.dispatcher, self.call, self.arg = dispatcher, call, arg
+
+    def _build(self, dtype):
+        self.call(dtype)
+        return self.dispatcher
+
+    def cached(self, dtype) -> bool:
+        from numba import from_dtype
+        from numba.core.caching import FunctionCache
+        try:
+            overloads = FunctionCache(self.py_func)._cache_file._load_index()
+        except Exception:
+            return False
+        t = from_dtype(np.dtype(dtype))
+        return any(getattr(key[0][self.arg], "dtype", None) == t for key in overloads)
 
 
 class Helper:
