@@ -87,6 +87,19 @@ def test_a_helper_process_fills_the_cache(tmp_path):
     assert again[0] == "True"
 
 
+def test_a_parallel_dispatcher_is_compiled_ahead_too(tmp_path):
+    """The engine's parallel loop (``run.forward``, a Warmup: called on zero phases) goes to the
+    helper like a callback; afterwards it is cached for that dtype only."""
+    out = _run("""
+        import numpy as np
+        from npmnv3.engine import run
+        from npmnv3.kernels import callbacks
+        h = callbacks.compile_ahead([run._NO_TASK, run._FORWARD], np.float32)
+        print(h.proc.wait(), run._FORWARD.cached(np.float32), run._FORWARD.cached(np.float64))
+    """, tmp_path)
+    assert out == ["0", "True", "False"]
+
+
 def test_no_helper_when_switched_off(tmp_path):
     out = _run(PROBE, tmp_path, NPMNV3_COMPILE_HELPER="0")
     assert out[:2] == ["False", "None"] and out[2:4] == ["False", "False"]
