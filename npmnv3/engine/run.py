@@ -377,10 +377,6 @@ def _forward_ahead(dtype):
             np.zeros((0, 0)), np.zeros(6, i8), v, np.zeros(0, i8), m, m, m, m, 0)
 
 
-_ORDER = (_TASK,) + tuple(_STEP_CALLBACKS[k] for k in (0, 2, 4, 5, 1, 3))   # block steps last
-_FORWARD = None                 # the Warmup of ``forward`` (made below, once it is defined)
-
-
 def compiled(dtype):
     """``(task, step addresses)`` for ``dtype`` (float32 or float64), C callbacks made on first
     use: the first two arguments of ``forward``. On an empty Numba cache a helper process
@@ -389,9 +385,8 @@ def compiled(dtype):
     from the cache if the helper made it."""
     key = np.dtype(dtype)
     if key not in _COMPILED:
-        order = _ORDER[:-2] + (_FORWARD,) + _ORDER[-2:]     # forward, then the block steps
-        compile_ahead(order, key)
-        for cb in order:
+        compile_ahead(_ORDER, key)
+        for cb in _ORDER:
             cb.compiled(key)
         addrs = [cb.address(key) for cb in _STEP_CALLBACKS]
         _COMPILED[key] = (_TASK.compiled(key), np.array(addrs, dtype=np.int64))
@@ -410,4 +405,8 @@ def forward(task, steps, phases, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, t
                  sizes, trace, toffs, feats, pooled_t, hidden_t, logits_t, n0)
 
 
-_FORWARD = Warmup(forward, _forward_ahead, 5)       # argument 5: wb, an array of the dtype
+# What ``compiled`` makes, in the order it needs them; a helper takes them from the end: the
+# block steps (about half of the work), then ``forward`` (argument 5, wb, has the dtype).
+_FORWARD = Warmup(forward, _forward_ahead, 5)
+_ORDER = (_TASK, *(_STEP_CALLBACKS[k] for k in (0, 2, 4, 5)), _FORWARD,
+          *(_STEP_CALLBACKS[k] for k in (1, 3)))

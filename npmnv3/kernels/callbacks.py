@@ -10,7 +10,8 @@ compiled ahead, elsewhere.
 Numba compiles under one global lock, on one core. On an empty cache a first training step or a
 first prediction spends most of its time there, with the other core idle. ``compile_ahead``
 hands the list of callbacks a program is about to need, in the order it will need them (a
-training step's eleven loops; the engine's seven callbacks), to one helper process,
+training step's eleven loops; the engine's seven callbacks and its parallel loop), to one
+helper process,
 ``python -m npmnv3.kernels.callbacks DTYPE NAME...``, which compiles them into Numba's on-disk
 cache and exits. The two processes split the list from its two ends: the helper works from the
 last callback backwards, reporting ``start NAME`` / ``done NAME`` on its stdout; when this process
@@ -78,13 +79,17 @@ class Callback:
 
     def cached(self, dtype) -> bool:
         """Whether Numba's on-disk cache holds this callback for ``dtype`` (reads its index)."""
+        sig = self.signature(np.dtype(dtype))
+        return any(args == sig for args in self._cached_signatures())
+
+    def _cached_signatures(self):
+        """The argument types of every overload in Numba's cache index for ``py_func``."""
         from numba.core.caching import FunctionCache
         try:
             overloads = FunctionCache(self.py_func)._cache_file._load_index()
         except Exception:        # an unreadable index: Numba would recompile, so "not cached"
-            return False
-        sig = self.signature(np.dtype(dtype))
-        return any(key[0] == sig for key in overloads)
+            return []
+        return [key[0] for key in overloads]
 
 
 class Warmup(Callback):
@@ -103,13 +108,9 @@ class Warmup(Callback):
 
     def cached(self, dtype) -> bool:
         from numba import from_dtype
-        from numba.core.caching import FunctionCache
-        try:
-            overloads = FunctionCache(self.py_func)._cache_file._load_index()
-        except Exception:
-            return False
         t = from_dtype(np.dtype(dtype))
-        return any(getattr(key[0][self.arg], "dtype", None) == t for key in overloads)
+        return any(getattr(args[self.arg], "dtype", None) == t
+                   for args in self._cached_signatures())
 
 
 class Helper:

@@ -201,7 +201,7 @@ def conv_bn_act_forward_fast(x, w, weight, bias, running_mean, running_var, *, k
             momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked,
             keep_pre=keep_pre)
         return z, ConvBNActCache(kind, c_conv, c_bn), stats
-    if training:        # on an empty cache: the step's loops, half of them compiled elsewhere
+    if training:        # on an empty cache: the step's loops, shared with a helper process
         compile_ahead(TRAINING_TASKS, x.dtype)
     with single_threaded_blas():
         y, mv, c_conv = _conv_fwd_fast(x, w, kind, stride, padding, dilation, training)

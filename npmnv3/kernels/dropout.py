@@ -17,6 +17,7 @@ import numpy as np
 from numba import njit
 
 from ._checks import check_array, check_shape, choose_impl
+from .activations import LOOP_MIN_SIZE
 
 
 class DropoutCache(NamedTuple):
@@ -70,11 +71,10 @@ def _masked_scale_loops(a, keep, scale, out):
 
 
 _masked_scale = njit(cache=True)(_masked_scale_loops)     # (N, 1280) in MobileNetV3: serial
-LOOP_MIN_SIZE = 1 << 16     # below: the same expression in NumPy (no loop to compile; same bits)
 
 
 def _apply(a, keep, scale):
-    if a.size < LOOP_MIN_SIZE:
+    if a.size < LOOP_MIN_SIZE:         # the same expression in NumPy (no loop to compile)
         s = a.dtype.type(scale)
         return np.where(keep, a * s, a * a.dtype.type(0))
     a = np.ascontiguousarray(a)

@@ -25,7 +25,7 @@ arrays of the data's dtype, ``u``, ``v`` flat float64 arrays; a kernel reshapes 
 thing and ignores the slots it does not use (``run_tasks`` fills them with an empty array).
 
 Results do not depend on the thread count or on timing: each task writes its own rows or its
-own partial sums, merged in task order (``sum_parts``, ``channels_last._merge_stats``). The
+own partial sums, merged in task order (``sum_parts``, ``channels_last.merge_stats``). The
 thread count is Numba's (``numba.set_num_threads``, ``NUMBA_NUM_THREADS``); BLAS runs
 single-threaded inside the tasks (``threads.single_threaded_blas``, held by the callers).
 """
