@@ -99,7 +99,7 @@ def _act(y, act):
     return y
 
 
-DW_CASES = [(3, 1, 1), (3, 2, 1), (5, 1, 1), (5, 2, 1), (3, 1, 2), (5, 1, 2)]
+DW_CASES = [(3, 1, 1), (3, 2, 1), (5, 1, 1), (5, 2, 1), (3, 1, 2), (5, 1, 2), (7, 1, 1), (3, 2, 2)]
 
 
 @pytest.mark.parametrize("k, s, d", DW_CASES, ids=lambda v: str(v))
