@@ -408,5 +408,5 @@ def forward(task, steps, phases, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, t
 # What ``compiled`` makes, in the order it needs them; a helper takes them from the end: the
 # block steps (about half of the work), then ``forward`` (argument 5, wb, has the dtype).
 _FORWARD = Warmup(forward, _forward_ahead, 5)
-_ORDER = (_TASK, *(_STEP_CALLBACKS[k] for k in (0, 2, 4, 5)), _FORWARD,
-          *(_STEP_CALLBACKS[k] for k in (1, 3)))
+_ORDER = (_TASK, *(_STEP_CALLBACKS[k] for k in (0, 2, 4)), _FORWARD,
+          *(_STEP_CALLBACKS[k] for k in (5, 1, 3)))
