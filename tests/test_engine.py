@@ -24,6 +24,7 @@ from test_model import (
 )
 
 from npmnv3 import kernels as K
+from npmnv3.engine import plan, run
 from npmnv3.kernels import nhwc, threads
 from npmnv3.kernels.epilogue import ACT_CODES
 from npmnv3.nn.folded import fold
@@ -59,6 +60,50 @@ def test_every_stage_matches_torchvision(zoo, case):  # noqa: F811
     feats = net.features(x)
     _check_stages({net.names[-1]: feats}, ref_outs, net.names[-1:], dtype)
     _check_stages({"logits": net(x)}, ref_outs, ["logits"], dtype)
+
+
+@pytest.mark.parametrize("rule", ["never", "always"])
+def test_whole_image_expansion_either_way(zoo, monkeypatch, rule):  # noqa: F811
+    """F_PRE (a block's whole expansion in one GEMM, split by pixels in "bands" mode) or the
+    banded expansion: the same stages either way, for every block of Large and Small."""
+    torch = require_torch()
+    monkeypatch.setattr(plan, "PRE_BYTES", 0 if rule == "never" else 1 << 40)
+    monkeypatch.setattr(plan, "PRE_SPLIT_MACS", 0)
+    for variant, shape in (c for c in CASES_224 if c[0] in ("large", "small")):
+        ref = zoo.get(variant)
+        x = make_input((1,) + tuple(shape[1:]), np.float32, seed=3)
+        ref_logits, ref_outs = torch_forward(torch, ref.torch_model(np.float32), x)
+        ref_outs["logits"] = ref_logits
+        net = fold(load(ref, np.float32))
+        for mode in ("images", "bands"):
+            tab, _ = net.plan.table(x.shape[2], x.shape[3], mode)
+            expands = tab[:, plan.F_EXPAND] == 1
+            assert (tab[:, plan.F_PRE] == (expands if rule == "always" else 0)).all()
+            _check_stages(net.trace(x, mode=mode), ref_outs, net.names + ["logits"],
+                          np.float32)
+
+
+def test_band_tables_differ_in_whole_image_expansion_only():
+    """The "bands" table keeps F_PRE for the big expansions only; its phases run EXPAND (the
+    expansion split by pixels) right before the FRONT of those blocks and nowhere else."""
+    from npmnv3 import mobilenet_v3_large
+    net = fold(mobilenet_v3_large(seed=0).eval())
+    images, _ = net.plan.table(224, 224, "images")
+    bands, _ = net.plan.table(224, 224, "bands")
+    other = [f for f in range(plan.NF) if f != plan.F_PRE]
+    assert (images[:, other] == bands[:, other]).all()
+    pre_i, pre_b = images[:, plan.F_PRE] == 1, bands[:, plan.F_PRE] == 1
+    assert pre_b.any() and (pre_i | ~pre_b).all() and (pre_i & ~pre_b).any()
+    t = images[pre_i]
+    assert (t[:, plan.F_H] * t[:, plan.F_W] * t[:, plan.F_CEXP] * 4 <= plan.PRE_BYTES).all()
+    t = bands[pre_b]
+    assert (t[:, plan.F_H] * t[:, plan.F_W] * t[:, plan.F_CIN] * t[:, plan.F_CEXP]
+            >= plan.PRE_SPLIT_MACS).all()
+    phases = net.band_phases(bands, False).tolist()
+    for i in range(len(bands)):
+        k = phases.index([run.FRONT, i])
+        assert (phases[k - 1] == [run.EXPAND, i]) == pre_b[i]
+    assert sum(p[0] == run.EXPAND for p in phases) == pre_b.sum()
 
 
 def test_fold_is_a_snapshot():

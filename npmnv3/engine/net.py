@@ -14,7 +14,7 @@ import numpy as np
 
 from ..kernels.threads import single_threaded_blas
 from . import run
-from .plan import BLOCK, CONV1, F_COUT, F_HO, F_KIND, F_SE, F_WO, Plan
+from .plan import BLOCK, CONV1, F_COUT, F_HO, F_KIND, F_PRE, F_SE, F_WO, Plan
 
 
 class Workspace:
@@ -78,7 +78,7 @@ class FoldedNet:
         T = numba.get_num_threads()
         key = (mode, H, W, T)
         if key not in self._ws:
-            _, sizes = self.plan.table(H, W)
+            _, sizes = self.plan.table(H, W, mode)
             self._ws = {k: v for k, v in self._ws.items() if k[0] != mode}   # keep one size
             self._ws[key] = Workspace(sizes, self.dtype, T if mode == "images" else 1, T)
         return self._ws[key]
@@ -95,8 +95,8 @@ class FoldedNet:
         x = self._check(x)
         N, _, H, W = x.shape
         p = self.plan
-        tab, sizes = p.table(H, W)
         mode = mode or self.mode(N)
+        tab, sizes = p.table(H, W, mode)
         T = numba.get_num_threads()
         ws = self.workspace(mode, H, W)
         last = tab[-1]
@@ -141,10 +141,13 @@ class FoldedNet:
 
     @staticmethod
     def band_phases(tab, trace):
-        """The phases of one image split over threads (``run.py``): FRONT for every step, then
-        BACK for SE blocks, GATE (the pool) for the last conv, RECORD if tracing."""
+        """The phases of one image split over threads (``run.py``): EXPAND first for F_PRE
+        blocks, FRONT for every step, then BACK for SE blocks, GATE (the pool) for the last
+        conv, RECORD if tracing."""
         phases = []
         for i, t in enumerate(tab):
+            if t[F_PRE]:
+                phases.append((run.EXPAND, i))
             phases.append((run.FRONT, i))
             if t[F_KIND] == BLOCK and t[F_SE]:
                 phases.append((run.BACK, i))

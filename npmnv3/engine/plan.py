@@ -34,10 +34,21 @@ STEM, BLOCK, CONV1 = 0, 1, 2
 
 # Columns of a step's row in the plan table.
 (F_KIND, F_H, F_W, F_HO, F_WO, F_CIN, F_CEXP, F_COUT, F_K, F_S, F_P, F_D, F_ACT, F_EXPAND,
- F_SE, F_SQ, F_RES, F_R, F_WE, F_BE, F_WD, F_BD, F_W1, F_B1, F_W2, F_B2, F_WP, F_BP) = range(28)
-NF = 28
+ F_SE, F_SQ, F_RES, F_R, F_WE, F_BE, F_WD, F_BD, F_W1, F_B1, F_W2, F_B2, F_WP, F_BP,
+ F_PRE) = range(29)
+NF = 29
 
 BAND_BYTES = 256 * 1024     # the expansion band a depthwise conv reads: about half of an L2
+# A block whose whole expansion is at most PRE_BYTES expands the image in one GEMM before its
+# depthwise conv (F_PRE), instead of band by band: at 28x28 pixels and below a band is a few
+# rows, and few-row GEMMs run slowly. When one image is split over threads ("bands" mode), rows
+# split the banded expansion badly (at 7x7 with a 5x5 kernel each of two threads expanded 5-6
+# of the 7 rows), and an expansion split by pixels (an EXPAND phase, run.py) computes nothing
+# twice but costs a barrier and reading the other thread's half: it paid for expansions of
+# PRE_SPLIT_MACS or more (Large's 14x14 and 7x7 SE blocks: 10-27 % per block) and lost for
+# smaller ones (Small's: 5-15 %), so in that mode only those keep F_PRE.
+PRE_BYTES = 640 * 1024
+PRE_SPLIT_MACS = 5_000_000
 STEM_COLS = 16 * 1024       # values of the stem's im2col band (64 KB in float32)
 
 
@@ -129,11 +140,16 @@ class Plan:
     def names(self):
         return [name for _, name in self.steps]
 
-    def table(self, H: int, W: int):
-        """(table (steps, NF) int64, sizes dict) for an input of H x W pixels (cached)."""
-        key = (H, W)
+    def table(self, H: int, W: int, mode: str = "images"):
+        """(table (steps, NF) int64, sizes dict) for an input of H x W pixels run in ``mode``
+        ("images" or "bands", ``FoldedNet.mode``; they differ in F_PRE only), cached."""
+        key = (H, W, mode)
         if key not in self._tables:
-            self._tables[key] = self._layout(H, W)
+            rows, sizes = self._layout(H, W)
+            if mode == "bands":
+                macs = rows[:, F_H] * rows[:, F_W] * rows[:, F_CIN] * rows[:, F_CEXP]
+                rows[:, F_PRE] &= macs >= PRE_SPLIT_MACS
+            self._tables[key] = rows, sizes
         return self._tables[key]
 
     def _layout(self, H, W):
@@ -158,7 +174,9 @@ class Plan:
                 R = max(1, (rows_in - (k - 1) * d - 1) // s + 1)
                 r[F_R] = min(ho, R)
                 span = (r[F_R] - 1) * s + (k - 1) * d + 1
-                band = max(band, min(h, span) * w * cexp if r[F_EXPAND] else 0)
+                r[F_PRE] = r[F_EXPAND] and h * w * cexp * item <= PRE_BYTES
+                band = max(band, h * w * cexp if r[F_PRE] else
+                           min(h, span) * w * cexp if r[F_EXPAND] else 0)
                 dw = max(dw, ho * wo * cexp)
             acc = max(acc, wo * cexp)
             if r[F_KIND] == STEM:               # im2col scratch: rows of about STEM_COLS

@@ -57,6 +57,7 @@ from .plan import (
     F_K,
     F_KIND,
     F_P,
+    F_PRE,
     F_R,
     F_RES,
     F_S,
@@ -102,7 +103,8 @@ def stem_rows(t, wb, xn, y, acc, kc, o0, o1):
 @njit(cache=True)
 def block_front(t, wb, x, y, D, E, acc, pool, kc, o0, o1):
     """Expand + depthwise (+ SE squeeze into ``pool``) for output rows [o0, o1); without SE
-    the projection too, band by band, into y. x, y, D, E: flat per-image buffers."""
+    the projection too, band by band, into y. x, y, D, E: flat per-image buffers. With
+    ``F_PRE`` E already holds the whole image's expansion (``conv1_pixels``)."""
     H, W, Wo = t[F_H], t[F_W], t[F_WO]
     k, s, p, d = t[F_K], t[F_S], t[F_P], t[F_D]
     cin, ce, cout, act = t[F_CIN], t[F_CEXP], t[F_COUT], t[F_ACT]
@@ -117,10 +119,11 @@ def block_front(t, wb, x, y, D, E, acc, pool, kc, o0, o1):
     fuse = t[F_SE] == 0
     D3 = D[:t[F_HO] * Wo * ce].reshape(t[F_HO], Wo, ce)
     have_lo, have_hi = 0, 0                       # input rows held in E: [have_lo, have_hi)
+    banded = t[F_EXPAND] and not t[F_PRE]
     for b0 in range(o0, o1, t[F_R]):
         b1 = min(o1, b0 + t[F_R])
-        src, lo = x, 0
-        if t[F_EXPAND]:
+        src, lo = E if t[F_PRE] else x, 0
+        if banded:
             lo = max(0, b0 * s - p)
             hi = min(H, (b1 - 1) * s - p + (k - 1) * d + 1)
             start = lo
@@ -135,7 +138,7 @@ def block_front(t, wb, x, y, D, E, acc, pool, kc, o0, o1):
                 pointwise(X[start * W:hi * W], we, be, act, kc, Eb, Eb[:0])
             have_lo, have_hi = lo, hi
             src = E
-        rows = have_hi - lo if t[F_EXPAND] else H
+        rows = have_hi - lo if banded else H
         depthwise_rows(src[:rows * W * ce].reshape(rows, W, ce), lo, wd, bd, geom, act, kc, b0,
                        b1, acc[:Wo * ce].reshape(Wo, ce), D3, pool)
         if fuse:
@@ -167,14 +170,18 @@ def block_back(t, wb, x, y, D, g, kc, q0, q1):
 
 @njit(cache=True)
 def conv1_pixels(t, wb, x, y, pool, kc, q0, q1):
-    """The last 1x1 conv + act for pixels [q0, q1), its channel sums added to ``pool``."""
-    cin, cout = t[F_CIN], t[F_COUT]
+    """A step's 1x1 conv + act for pixels [q0, q1): the last conv (its channel sums added to
+    ``pool``), or a block's expansion (``F_PRE`` blocks: y is the expansion buffer E)."""
+    block = t[F_KIND] == BLOCK
+    cin, cout = t[F_CIN], t[F_CEXP] if block else t[F_COUT]
+    w_off, b_off = (t[F_WE], t[F_BE]) if block else (t[F_WP], t[F_BP])
     Y = y[q0 * cout:q1 * cout].reshape(q1 - q0, cout)
-    pointwise(x[q0 * cin:q1 * cin].reshape(q1 - q0, cin), mat(wb, t[F_WP], cin, cout),
-              wb[t[F_BP]:t[F_BP] + cout], t[F_ACT], kc, Y, Y[:0])
-    for q in range(q1 - q0):
-        for c in range(cout):
-            pool[c] += Y[q, c]
+    pointwise(x[q0 * cin:q1 * cin].reshape(q1 - q0, cin), mat(wb, w_off, cin, cout),
+              wb[b_off:b_off + cout], t[F_ACT], kc, Y, Y[:0])
+    if not block:
+        for q in range(q1 - q0):
+            for c in range(cout):
+                pool[c] += Y[q, c]
 
 
 @njit(cache=True)
@@ -190,14 +197,15 @@ def classifier_rows(layer, wb, fc, kc, xt, out, r0, r1):
 # ----------------------------------------------------------------------------- drivers
 #
 # One parallel loop in the whole engine (``forward``): a list of phases, each run by T tasks
-# (one per thread). Phases: IMAGES (task c runs whole images), or per step FRONT (rows / pixels
-# [cn/T, (c+1)n/T) of stem, expand + depthwise [+ projection], last conv), BACK (SE blocks:
-# each task sums the tasks' squeeze partials, computes the gate -- a few us, done twice rather
-# than waiting for one thread -- and projects its pixels), GATE (task 0: the last conv's
-# average pool), RECORD (task 0 copies a step's output for ``trace``), then CLS0 / CLS1 (output
-# rows of the two classifier layers).
+# (one per thread). Phases: IMAGES (task c runs whole images), or per step EXPAND (``F_PRE``
+# blocks: pixels [cn/T, (c+1)n/T) of the expansion, into thread 0's E, which every task then
+# reads), FRONT (rows / pixels of stem, [expand +] depthwise [+ projection], last conv), BACK
+# (SE blocks: each task sums the tasks' squeeze partials, computes the gate -- a few us, done
+# twice rather than waiting for one thread -- and projects its pixels), GATE (task 0: the last
+# conv's average pool), RECORD (task 0 copies a step's output for ``trace``), then CLS0 / CLS1
+# (output rows of the two classifier layers).
 
-IMAGES, FRONT, GATE, BACK, RECORD, CLS0, CLS1 = range(7)
+IMAGES, EXPAND, FRONT, GATE, BACK, RECORD, CLS0, CLS1 = range(8)
 
 
 @njit(cache=True)
@@ -224,6 +232,7 @@ def task(steps, ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, t
     s = sc[c]
     E, acc, h = s[:band], s[band:band + nacc], s[band + nacc:band + nacc + sq]
     g = s[band + nacc + sq:band + nacc + sq + chan]
+    E0 = sc[0, :band]                       # EXPAND phases: the expansion all tasks read
     if ph == IMAGES:
         wsl = ws[c]
         n_lo, n_hi, share = c * xs.shape[0] // T, (c + 1) * xs.shape[0] // T, 1
@@ -249,13 +258,20 @@ def task(steps, ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, t
             size = pixels * t[F_COUT]
             whole = ph == IMAGES
             part = np.int64(0) if whole else np.int64(c)   # this task's share of the step
+            if ph == EXPAND:                        # F_PRE blocks split over threads
+                hw = t[F_H] * t[F_W]
+                conv1_pixels(t, wb, x, E0, pool, kc, part * hw // share,
+                             (part + 1) * hw // share)
             if whole or ph == FRONT:
                 lo, hi = part * rows // share, (part + 1) * rows // share
                 fill(pool, 0.0)                     # this task's SE / pool partial sums
                 if kind == STEM:
                     stem_rows(t, wb, xs[n], y, acc, kc, lo, hi)
                 elif kind == BLOCK:
-                    block_front(t, wb, x, y, D, E, acc, pool if se else pool[:0], kc, lo, hi)
+                    Et = E0 if t[F_PRE] and not whole else E
+                    if whole and t[F_PRE]:
+                        conv1_pixels(t, wb, x, E, pool, kc, 0, t[F_H] * t[F_W])
+                    block_front(t, wb, x, y, D, Et, acc, pool if se else pool[:0], kc, lo, hi)
                 else:
                     conv1_pixels(t, wb, x, y, pool, kc, lo, hi)
             if whole or (ph == GATE and c == 0):    # the last conv's average pool
