@@ -258,9 +258,10 @@ def task(steps, ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, t
             size = pixels * t[F_COUT]
             whole = ph == IMAGES
             part = np.int64(0) if whole else np.int64(c)   # this task's share of the step
-            if ph == EXPAND:                        # F_PRE blocks split over threads
-                hw = t[F_H] * t[F_W]
-                conv1_pixels(t, wb, x, E0, pool, kc, part * hw // share,
+            Et = E0 if t[F_PRE] and not whole else E    # where an F_PRE block's expansion is
+            if ph == EXPAND or whole and kind == BLOCK and t[F_PRE]:
+                hw = t[F_H] * t[F_W]                    # (its pixels split over the tasks)
+                conv1_pixels(t, wb, x, Et, pool, kc, part * hw // share,
                              (part + 1) * hw // share)
             if whole or ph == FRONT:
                 lo, hi = part * rows // share, (part + 1) * rows // share
@@ -268,9 +269,6 @@ def task(steps, ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, t
                 if kind == STEM:
                     stem_rows(t, wb, xs[n], y, acc, kc, lo, hi)
                 elif kind == BLOCK:
-                    Et = E0 if t[F_PRE] and not whole else E
-                    if whole and t[F_PRE]:
-                        conv1_pixels(t, wb, x, E, pool, kc, 0, t[F_H] * t[F_W])
                     block_front(t, wb, x, y, D, Et, acc, pool if se else pool[:0], kc, lo, hi)
                 else:
                     conv1_pixels(t, wb, x, y, pool, kc, lo, hi)
