@@ -1,7 +1,7 @@
 """The engine's one object: ``FoldedNet``, a compiled snapshot of a model's eval function.
 
     plan = Plan(model)          # fold BN, pack weights, one table row per step   (plan.py)
-    forward_images / _bands     # fused steps, images or row bands over threads  (run.py)
+    run.forward                 # fused steps, whole images or row bands over threads (run.py)
     classifier                  # linear + hard-swish + linear on the pooled features
 
 The input and outputs keep torchvision's NCHW layout; only the inside is channels-last.

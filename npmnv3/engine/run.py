@@ -10,14 +10,19 @@ recomputed), the depthwise conv reads them while they are in cache and writes it
 bias + activation applied and the SE squeeze summed in the same pass. Without SE the projection
 GEMM (+ bias + residual) follows on the same band; with SE it waits for the gate (it needs the
 whole image's mean) and runs on the scaled rows afterwards: the excitation is folded into the
-projection's input band. Nothing but the block's output and the depthwise output is ever
-materialised, and buffers are preallocated (``Workspace``), so no page is touched twice.
+projection's input band. Blocks of 28x28 pixels and below (``F_PRE``, plan.py) expand the
+whole image in one GEMM instead: their bands would be a few rows, and few-row GEMMs run slowly.
+Nothing but the block's output and the depthwise output (and for ``F_PRE`` blocks the
+expansion) is ever materialised, and buffers are preallocated (``Workspace``), so no page is
+touched twice.
 
 **Threading.** All parallelism is here, in Numba (OpenMP) loops; BLAS runs single-threaded
 inside them (``npmnv3.kernels.threads``), so two pools never spin against each other.
-``forward_images`` gives whole images to threads (batch >= threads: no synchronisation inside
-the network, each thread's buffers stay in its cache); ``forward_bands`` splits every step of
-one image into row (or pixel) ranges, one per thread (batch 1), with the SE gate in between.
+Whole images go to threads (batch >= threads: no synchronisation inside the network, each
+thread's buffers stay in its cache), or every step of one image is split into row (or pixel)
+ranges, one per thread (batch 1), with the SE gate in between and, for the big ``F_PRE``
+expansions, the expansion split by pixels before the depthwise conv (row bands of a 7x7 image
+overlap: each of two threads expanded 5-6 of its 7 rows).
 """
 
 from __future__ import annotations
