@@ -91,9 +91,9 @@ def depthwise_rows(src, lo, w, b, geom, act, kc, o0, o1, acc, out, pool):
     - 3x3 kernels inside the image (every tap of the pixel reads a real input: most pixels),
       one pass per output pixel, the channel loop outside and the 9 taps unrolled inside it:
       the sum stays in a register and each tap costs one load of x and one of w (tap by tap,
-      below, it also loads and stores acc: 2.5-3x slower at 16 channels). 5x5 kernels stay on
-      the tap loop: unrolling their 25 taps too added ~0.7 s (40 %) to this kernel's
-      compile for 3-15 % on those layers;
+      below, it also loads and stores acc: 2x slower at 16 channels, 1.3-1.6x at 64-480;
+      benchmarks/README.md). 5x5 kernels stay on the tap loop: unrolling their 25 taps too
+      added ~0.7 s (40 %) to this kernel's compile for 3-15 % on those layers;
     - elsewhere, tap by tap: ``acc[j] += w_uv * x`` over the columns where the tap is inside,
       which is zero padding without a padded copy.
     The activation (and the SE squeeze) follow on each output row while it is in cache. The
