@@ -221,8 +221,7 @@ def _im2col_tasks(t0, t1, sz, x, cols, _c, _d, _e, _f, _g, _u, _v):
                 for v in range(k):
                     o = t * Wo * CKK + (c * k + u) * k + v       # cols[(n*Ho + i)*Wo, q]
                     off = v * d - p                              # input column j*s + off
-                    jlo = 0 if off >= 0 else (s - 1 - off) // s  # ... inside [0, W) for
-                    jhi = max(jlo, min(Wo, (W - 1 - off) // s + 1))      # j in [jlo, jhi)
+                    jlo, jhi = _col_range(off, s, W, Wo)         # ... inside [0, W)
                     if ii < 0 or ii >= H:
                         jlo, jhi = Wo, Wo
                     xo = ((n * C + c) * H + ii) * W + off        # x[n, c, ii, off]
