@@ -41,6 +41,33 @@ def test_results_do_not_depend_on_the_thread_count():
                                atol=1e-6)
 
 
+def _count_tasks(t0, t1, sz, a, b, c, d, e, f, g, u, v):
+    """Test kernel: a[t] += 1 and u[t] = the thread that ran task t, for t in [t0, t1)."""
+    for t in range(t0, t1):
+        a[t] += 1.0
+        u[t] = numba.get_thread_id()
+
+
+COUNT_TASKS = tasks.task_kernel(_count_tasks)
+
+
+@pytest.mark.parametrize("T", [0, 1, 2, 3, 17])
+def test_parallel_tasks_runs_every_task_once_on_the_threads(T):
+    """``parallel_tasks`` (no prange): each task of [0, T) runs exactly once, whatever the
+    thread count; with two threads and two or more tasks both threads take part, with one
+    thread only thread 0 does."""
+    before = numba.get_num_threads()
+    try:
+        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(threads)
+            a, ids = np.zeros(T + 1, np.float32), np.full(T + 1, -1.0)
+            tasks.run_tasks(COUNT_TASKS, T, [0], [a], [ids])
+            np.testing.assert_array_equal(a, [1.0] * T + [0.0])
+            assert set(ids[:T]) == set(range(min(T, threads)))
+    finally:
+        numba.set_num_threads(before)
+
+
 def test_task_kernels_take_contiguous_arrays_only():
     """A kernel writes through the flat views it is given: a strided output would be a copy,
     and the result lost, so it is refused."""
@@ -87,14 +114,15 @@ def test_a_helper_process_fills_the_cache(tmp_path):
     assert again[0] == "True"
 
 
-def test_a_parallel_dispatcher_is_compiled_ahead_too(tmp_path):
-    """The engine's parallel loop (``run.forward``, a Warmup: called on zero phases) goes to the
-    helper like a callback; afterwards it is cached for that dtype only."""
+def test_a_dispatcher_is_compiled_ahead_too(tmp_path):
+    """The engine's driver (``run.forward``, a Numba dispatcher: a Warmup, called on zero
+    phases) goes to the helper like a callback (here with the SE gate step: one callback alone
+    starts no helper); afterwards it is cached for that dtype only."""
     out = _run("""
         import numpy as np
         from npmnv3.engine import run
         from npmnv3.kernels import callbacks
-        h = callbacks.compile_ahead([run._NO_TASK, run._FORWARD], np.float32)
+        h = callbacks.compile_ahead([run._STEP_CALLBACKS[2], run._FORWARD], np.float32)
         print(h.proc.wait(), run._FORWARD.cached(np.float32), run._FORWARD.cached(np.float64))
     """, tmp_path)
     assert out == ["0", "True", "False"]

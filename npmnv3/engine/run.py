@@ -30,7 +30,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -43,6 +43,7 @@ from ..kernels.nhwc import (
     scale_channels,
     se_gate,
 )
+from ..kernels.tasks import launch, parallel_tasks
 from .plan import (
     BLOCK,
     CONV1,
@@ -225,81 +226,83 @@ def copy(dst, src, n):
         dst[i] = src[i]
 
 
-def task(steps, ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs, feats,
-         pooled_t, hidden_t, logits_t, n0):
-    """Task c of T of phase ``ph`` (of step i; image n0 in band phases). Every kernel is called
-    from one place only, for the whole-image (IMAGES) and the band phases alike. ``steps``: the
-    addresses of the step functions above, compiled as C callbacks (``compiled``)."""
+def task(c0, c1, steps, ph, i, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs,
+         feats, pooled_t, hidden_t, logits_t, n0):
+    """Tasks [c0, c1) of T of phase ``ph`` (of step i; image n0 in band phases): one task per
+    call with OpenMP (``tasks.parallel_tasks``). Every kernel is called from one place only,
+    for the whole-image (IMAGES) and the band phases alike. ``steps``: the addresses of the
+    step functions above, compiled as C callbacks (``compiled``)."""
     stem_rows, block_front = step_function(steps[0], 0, wb), step_function(steps[1], 1, wb)
     block_gate, block_back = step_function(steps[2], 2, wb), step_function(steps[3], 3, wb)
     conv1_pixels, classifier_rows = step_function(steps[4], 4, wb), step_function(steps[5], 5, wb)
     act, dw, band, nacc, chan, sq = sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5]
-    s = sc[c]
-    E, acc, h = s[:band], s[band:band + nacc], s[band + nacc:band + nacc + sq]
-    g = s[band + nacc + sq:band + nacc + sq + chan]
     E0 = sc[0, :band]                       # EXPAND phases: the expansion all tasks read
-    if ph == IMAGES:
-        wsl = ws[c]
-        n_lo, n_hi, share = c * xs.shape[0] // T, (c + 1) * xs.shape[0] // T, 1
-        j_lo, j_hi = (0, tab.shape[0]) if i < 0 else (i, i + 1)     # all steps, or step i
-    elif ph <= RECORD:
-        wsl = ws[0]
-        n_lo, n_hi, j_lo, j_hi, share = n0, n0 + 1, i, i + 1, T
-    else:
-        xt = pooled_t if ph == CLS0 else hidden_t
-        out = hidden_t if ph == CLS0 else logits_t
-        O = out.shape[0]
-        classifier_rows(ph - CLS0, wb, fc, kc, xt, out, c * O // T, (c + 1) * O // T)
-        return
-    a0, a1, D = wsl[:act], wsl[act:2 * act], wsl[2 * act:2 * act + dw]
-    pool = pools[c]
-    for n in range(n_lo, n_hi):
-        for j in range(j_lo, j_hi):
-            t = tab[j]
-            x, y = (a1, a0) if j % 2 == 0 else (a0, a1)
-            kind, se = t[F_KIND], t[F_SE]
-            rows = t[F_HO] * t[F_WO] if kind == CONV1 else t[F_HO]
-            pixels = t[F_HO] * t[F_WO]
-            size = pixels * t[F_COUT]
-            whole = ph == IMAGES
-            part = np.int64(0) if whole else np.int64(c)   # this task's share of the step
-            Et = E0 if t[F_PRE] and not whole else E    # where an F_PRE block's expansion is
-            if ph == EXPAND or whole and kind == BLOCK and t[F_PRE]:
-                hw = t[F_H] * t[F_W]                    # (its pixels split over the tasks)
-                conv1_pixels(t, wb, x, Et, pool, kc, part * hw // share,
-                             (part + 1) * hw // share)
-            if whole or ph == FRONT:
-                lo, hi = part * rows // share, (part + 1) * rows // share
-                fill(pool, 0.0)                     # this task's SE / pool partial sums
-                if kind == STEM:
-                    stem_rows(t, wb, xs[n], y, acc, kc, lo, hi)
-                elif kind == BLOCK:
-                    block_front(t, wb, x, y, D, Et, acc, pool if se else pool[:0], kc, lo, hi)
-                else:
-                    conv1_pixels(t, wb, x, y, pool, kc, lo, hi)
-            if whole or (ph == GATE and c == 0):    # the last conv's average pool
-                if not whole:
-                    for k in range(1, T):
-                        for q in range(pools.shape[1]):
-                            pools[0, q] += pools[k, q]
-                if kind == BLOCK and se:
-                    block_gate(t, wb, pool, kc, h, g)
-                elif kind == CONV1:
-                    copy(feats[n], y, feats.shape[1])
-                    for q in range(t[F_COUT]):
-                        pooled_t[q, n] = pool[q] / pixels
-            if (whole or ph == BACK) and kind == BLOCK and se:
-                if not whole:                       # every task sums the partials itself and
-                    tot = pools[T + c]              # computes the gate: no serial phase
-                    fill(tot, 0.0)
-                    for k in range(T):
-                        for q in range(pools.shape[1]):
-                            tot[q] += pools[k, q]
-                    block_gate(t, wb, tot, kc, h, g)
-                block_back(t, wb, x, y, D, g, kc, part * pixels // share,
-                           (part + 1) * pixels // share)
-            if trace.shape[0] and (whole or ph == RECORD and c == 0):
-                copy(trace[toffs[j] + n * size:], y, size)
+    for c in range(c0, c1):
+        s = sc[c]
+        E, acc, h = s[:band], s[band:band + nacc], s[band + nacc:band + nacc + sq]
+        g = s[band + nacc + sq:band + nacc + sq + chan]
+        if ph == IMAGES:
+            wsl = ws[c]
+            n_lo, n_hi, share = c * xs.shape[0] // T, (c + 1) * xs.shape[0] // T, 1
+            j_lo, j_hi = (0, tab.shape[0]) if i < 0 else (i, i + 1)     # all steps, or step i
+        elif ph <= RECORD:
+            wsl = ws[0]
+            n_lo, n_hi, j_lo, j_hi, share = n0, n0 + 1, i, i + 1, T
+        else:
+            xt = pooled_t if ph == CLS0 else hidden_t
+            out = hidden_t if ph == CLS0 else logits_t
+            O = out.shape[0]
+            classifier_rows(ph - CLS0, wb, fc, kc, xt, out, c * O // T, (c + 1) * O // T)
+            continue
+        a0, a1, D = wsl[:act], wsl[act:2 * act], wsl[2 * act:2 * act + dw]
+        pool = pools[c]
+        for n in range(n_lo, n_hi):
+            for j in range(j_lo, j_hi):
+                t = tab[j]
+                x, y = (a1, a0) if j % 2 == 0 else (a0, a1)
+                kind, se = t[F_KIND], t[F_SE]
+                rows = t[F_HO] * t[F_WO] if kind == CONV1 else t[F_HO]
+                pixels = t[F_HO] * t[F_WO]
+                size = pixels * t[F_COUT]
+                whole = ph == IMAGES
+                part = np.int64(0) if whole else np.int64(c)   # this task's share of the step
+                Et = E0 if t[F_PRE] and not whole else E    # where an F_PRE block's expansion is
+                if ph == EXPAND or whole and kind == BLOCK and t[F_PRE]:
+                    hw = t[F_H] * t[F_W]                    # (its pixels split over the tasks)
+                    conv1_pixels(t, wb, x, Et, pool, kc, part * hw // share,
+                                 (part + 1) * hw // share)
+                if whole or ph == FRONT:
+                    lo, hi = part * rows // share, (part + 1) * rows // share
+                    fill(pool, 0.0)                     # this task's SE / pool partial sums
+                    if kind == STEM:
+                        stem_rows(t, wb, xs[n], y, acc, kc, lo, hi)
+                    elif kind == BLOCK:
+                        block_front(t, wb, x, y, D, Et, acc, pool if se else pool[:0], kc, lo, hi)
+                    else:
+                        conv1_pixels(t, wb, x, y, pool, kc, lo, hi)
+                if whole or (ph == GATE and c == 0):    # the last conv's average pool
+                    if not whole:
+                        for k in range(1, T):
+                            for q in range(pools.shape[1]):
+                                pools[0, q] += pools[k, q]
+                    if kind == BLOCK and se:
+                        block_gate(t, wb, pool, kc, h, g)
+                    elif kind == CONV1:
+                        copy(feats[n], y, feats.shape[1])
+                        for q in range(t[F_COUT]):
+                            pooled_t[q, n] = pool[q] / pixels
+                if (whole or ph == BACK) and kind == BLOCK and se:
+                    if not whole:                       # every task sums the partials itself and
+                        tot = pools[T + c]              # computes the gate: no serial phase
+                        fill(tot, 0.0)
+                        for k in range(T):
+                            for q in range(pools.shape[1]):
+                                tot[q] += pools[k, q]
+                        block_gate(t, wb, tot, kc, h, g)
+                    block_back(t, wb, x, y, D, g, kc, part * pixels // share,
+                               (part + 1) * pixels // share)
+                if trace.shape[0] and (whole or ph == RECORD and c == 0):
+                    copy(trace[toffs[j] + n * size:], y, size)
 
 
 # ----------------------------------------------------------------------------- compilation
@@ -346,8 +349,8 @@ def task_signature(dtype):
     """The C signature of ``task`` for arrays of ``dtype``."""
     a = _types(dtype)
     i, v, m = a.i, a.vec, a.mat2
-    return types.void(a.ints, i, i, i, i, a.table, v, v, a.ints, a.imgs, m, m, a.pools, a.ints,
-                      v, a.ints, m, m, m, m, i)
+    return types.void(i, i, a.ints, i, i, i, a.table, v, v, a.ints, a.imgs, m, m, a.pools,
+                      a.ints, v, a.ints, m, m, m, m, i)
 
 
 STEPS = (stem_rows, block_front, block_gate, block_back, conv1_pixels, classifier_rows)
@@ -377,51 +380,43 @@ _STEP_CALLBACKS = tuple(Callback(f.py_func, lambda dt, k=k: step_signatures(dt)[
 _TASK = Callback(task, task_signature)
 
 
-def _no_task(steps, ph, i, c, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs, feats,
-             pooled_t, hidden_t, logits_t, n0):
-    """Stands in for ``task`` (same signature, so the same argument type for ``forward``) when
-    ``forward`` is compiled ahead: a helper need not compile ``task`` first."""
-    return
-
-
-_NO_TASK = Callback(_no_task, task_signature)
-
-
 def _forward_ahead(dtype):
     """Call ``forward`` on zero phases with arrays of the engine's types (nothing runs)."""
     f, i8 = np.dtype(dtype), np.int64
     v, m = np.zeros(0, f), np.zeros((0, 0), f)
-    forward(_NO_TASK.compiled(f), np.zeros(len(STEPS), i8), np.zeros((0, 2), i8), 1,
-            np.zeros((0, NF), i8), v, v, np.zeros(4, i8), np.zeros((0, 3, 1, 1), f), m, m,
-            np.zeros((0, 0)), np.zeros(6, i8), v, np.zeros(0, i8), m, m, m, m, 0)
+    launch()
+    forward(0, np.zeros(len(STEPS), i8), np.zeros((0, 2), i8), 1, np.zeros((0, NF), i8), v, v,
+            np.zeros(4, i8), np.zeros((0, 3, 1, 1), f), m, m, np.zeros((0, 0)), np.zeros(6, i8),
+            v, np.zeros(0, i8), m, m, m, m, 0)
 
 
 def compiled(dtype):
-    """``(task, step addresses)`` for ``dtype`` (float32 or float64), C callbacks made on first
-    use: the first two arguments of ``forward``. On an empty Numba cache a helper process
-    compiles them from the end of the list (the block steps, about half of the work, then
-    ``forward`` itself, on zero phases) while this one compiles from its start; each is loaded
-    from the cache if the helper made it."""
+    """``(task address, step addresses)`` for ``dtype`` (float32 or float64), C callbacks made
+    on first use: the first two arguments of ``forward``. On an empty Numba cache a helper
+    process compiles them from the end of the list (the block steps, about half of the work,
+    then ``forward`` itself, on zero phases) while this one compiles from its start; each is
+    loaded from the cache if the helper made it."""
     key = np.dtype(dtype)
     if key not in _COMPILED:
+        launch()
         compile_ahead(_ORDER, key)
         for cb in _ORDER:
             cb.compiled(key)
         addrs = [cb.address(key) for cb in _STEP_CALLBACKS]
-        _COMPILED[key] = (_TASK.compiled(key), np.array(addrs, dtype=np.int64))
+        _COMPILED[key] = (_TASK.address(key), np.array(addrs, dtype=np.int64))
     return _COMPILED[key]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True)
 def forward(task, steps, phases, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs,
             feats, pooled_t, hidden_t, logits_t, n0):
-    """Run ``phases`` (M, 2): (phase, step) rows, each as T parallel calls of ``task`` with the
-    step functions' addresses ``steps`` (both from ``compiled(dtype)``)."""
+    """Run ``phases`` (M, 2): (phase, step) rows, each as T parallel tasks of ``task`` (the
+    address of its C callback) with the step functions' addresses ``steps`` (both from
+    ``compiled(dtype)``); each phase ends before the next starts."""
     for m in range(phases.shape[0]):
         ph, i = phases[m, 0], phases[m, 1]
-        for c in prange(T):     # c is uint64 inside the parallel loop: task takes an int64
-            task(steps, ph, i, np.int64(c), T, tab, wb, kc, fc, xs, ws, sc, pools,
-                 sizes, trace, toffs, feats, pooled_t, hidden_t, logits_t, n0)
+        parallel_tasks(task, T, (steps, ph, i, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes,
+                                 trace, toffs, feats, pooled_t, hidden_t, logits_t, n0))
 
 
 # What ``compiled`` makes, in the order it needs them; a helper takes them from the end: the

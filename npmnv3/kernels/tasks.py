@@ -1,21 +1,25 @@
-"""How the fast training kernels use the cores: serial task loops behind one parallel loop.
+"""How the fast kernels use the cores: serial task loops started on Numba's thread pool.
 
 Every channels-last training kernel is a loop over independent *tasks* (bands of pixels, or
 images) whose partial sums go to per-task arrays, merged afterwards in task order. The loop is a
 serial function over a range of tasks ``[t0, t1)`` (``@task_kernel``), compiled once per dtype
-as a C callback (``numba.cfunc``); ``run_tasks`` runs tasks [0, T) through **one** parallel loop
-for the whole library (``_drive``: ``for t in prange(T): kernel(t, t + 1, ...)``, the kernel
-called through its address). This is the shape of ``at::parallel_for`` in PyTorch's CPU kernels.
+as a C callback (``numba.cfunc``); ``run_tasks`` runs tasks [0, T) on the threads of Numba's
+threading layer (OpenMP here) through ``parallel_tasks``, the kernel called through its
+address. This is the shape of ``at::parallel_for`` in PyTorch's CPU kernels; the eval engine's
+``forward`` (``npmnv3/engine/run.py``) starts its phases the same way.
 
-Why not a ``prange`` in every kernel: a ``parallel=True`` function is compiled as a separate
-"gufunc" module for the loop body, then the function around it, and LLVM optimises the body's
-code again at each level; the fourteen training loops written that way took ~33 s of a first
-training step on an empty Numba cache (``benchmarks/bench_train.py --start``). Serial callbacks
-compile once each, and the one parallel loop links none of them. Python threads instead of
-Numba's were measured too: a hand-off costs ~130 us on this VM (Numba's: ~4 us), and a training
-step makes a few hundred kernel calls.
+Why not a ``prange``: a ``parallel=True`` function is compiled as a separate "gufunc" module for
+the loop body, then the function around it, and LLVM optimises the body's code again at each
+level; the fourteen training loops written that way took ~33 s of a first training step on an
+empty Numba cache (``benchmarks/bench_train.py --start``). Serial callbacks compile once each.
+Even one ``prange`` loop that only calls a kernel through its address cost 1.1-1.5 s to compile
+(its gufunc passes every array argument piece by piece), so neither path has one:
+``parallel_tasks`` hands the threading layer's ``parallel_for`` (the entry point ``prange``
+loops are lowered to) a 12-line worker of its own, and compiles in ~0.1 s. Python threads
+instead of Numba's were measured too: a hand-off costs ~130 us on this VM (Numba's: ~4 us), and
+a training step makes a few hundred kernel calls.
 
-So that one parallel loop fits every kernel, all task kernels share one C signature
+So that one driver fits every kernel, all task kernels share one C signature
 (``task_signature``)::
 
     kernel(t0, t1, sz, a, b, c, d, e, f, g, u, v)
@@ -34,7 +38,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange, types
+from llvmlite import ir
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -57,24 +62,87 @@ def task_kernel(py_func) -> Callback:
 
 
 @intrinsic
-def _task_at(typingctx, addr, a):
-    """The task kernel at address ``addr`` (int64), as a callable value for arrays like ``a``."""
-    fty = types.FunctionType(task_signature(a.dtype))
+def parallel_tasks(typingctx, addr, T, args):
+    """``kernel(t0, t1, *args)`` over tasks [0, T) on min(T, ``numba.get_num_threads()``)
+    threads of Numba's threading layer, the kernel a C callback at address ``addr`` (int64)
+    taking two int64 then the members of the tuple ``args``; every task ends before this
+    returns.
 
-    def codegen(context, builder, sig, args):
-        fn = cgutils.create_struct_proxy(fty)(context, builder)    # the other fields: null
-        fn.c_addr = builder.inttoptr(args[0], cgutils.voidptr_t)
-        return fn._getvalue()
-    return fty(addr, a), codegen
+    This is what a ``prange`` loop is lowered to, without the gufunc: the layer's
+    ``parallel_for(fn, args, dims, steps, data, inner_ndim, array_count, threads)`` calls
+    ``fn(args, dims, steps, data)`` on each thread for a chunk of ``dims[0]`` iterations (one per
+    call with OpenMP, a thread's share with the workqueue layer) whose first index is
+    ``args[0]``; with ``args[0] = 0`` and a step of 1 that pointer *is* the index. ``data``
+    points to (addr, args) in this frame. Needs ``launch()`` before the caller is compiled or
+    loaded (it registers ``numba_parallel_for`` and ``get_num_threads``), and a caller that
+    does not hold the GIL (``nogil=True``): a worker may need it (Numba's ``np.dot`` looks its
+    BLAS function up through Python on its first call) while the caller waits for it."""
+    if not (isinstance(args, types.BaseTuple) and isinstance(addr, types.Integer)
+            and isinstance(T, types.Integer)):
+        return None
+    sig = types.void(addr, T, args)
+
+    def codegen(context, builder, sig, llargs):
+        mod = builder.module
+        llargs = [context.cast(builder, llargs[0], addr, types.int64),
+                  context.cast(builder, llargs[1], T, types.intp), llargs[2]]
+        i8p, i64 = ir.IntType(8).as_pointer(), ir.IntType(64)
+        intp = context.get_value_type(types.intp)
+        data_ty = ir.LiteralStructType([i64, context.get_value_type(args)])
+        kernel_ty = context.get_value_type(
+            types.FunctionPrototype(types.void, (types.int64, types.int64, *args.types)))
+        # the worker: for t in [first, first + count): kernel(t, t + 1, *args)
+        worker = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i8p.as_pointer(),
+                             intp.as_pointer(), intp.as_pointer(), i8p]),
+                             name=mod.get_unique_name("npmnv3_tasks_worker"))
+        worker.linkage = "internal"
+        wb = ir.IRBuilder(worker.append_basic_block())
+        w_args, w_dims, _, w_data = worker.args
+        first = wb.ptrtoint(wb.load(w_args), i64)
+        data = wb.load(wb.bitcast(w_data, data_ty.as_pointer()))
+        kernel = wb.inttoptr(wb.extract_value(data, 0), kernel_ty)
+        members = wb.extract_value(data, 1)
+        members = [wb.extract_value(members, k) for k in range(len(args))]
+        with cgutils.for_range(wb, wb.load(w_dims)) as loop:
+            t = wb.add(first, loop.index)
+            wb.call(kernel, [t, wb.add(t, i64(1)), *members])
+        wb.ret_void()
+        # the call: one "array" (the index) of step 1 starting at 0, T iterations
+        d = cgutils.alloca_once(builder, data_ty)
+        builder.store(builder.insert_value(builder.insert_value(data_ty(ir.Undefined),
+                                                                llargs[0], 0), llargs[2], 1), d)
+        base = cgutils.alloca_once_value(builder, i8p(None))
+        dims = cgutils.alloca_once_value(builder, llargs[1])
+        steps = cgutils.alloca_once_value(builder, intp(1))
+        parallel_for = cgutils.get_or_insert_function(
+            mod, ir.FunctionType(ir.VoidType(), [i8p] * 5 + [intp] * 3), "numba_parallel_for")
+        get_num_threads = cgutils.get_or_insert_function(mod, ir.FunctionType(intp, []),
+                                                         "get_num_threads")
+        threads = builder.call(get_num_threads, [])     # this thread's setting, as prange's
+        threads = builder.select(builder.icmp_signed("<", llargs[1], threads), llargs[1],
+                                 threads)
+        threads = builder.select(builder.icmp_signed("<", threads, intp(1)), intp(1), threads)
+        builder.call(parallel_for, [builder.bitcast(v, i8p) for v in (worker, base, dims, steps, d)]
+                     + [intp(0), intp(1), threads])
+        return context.get_dummy_value()
+    return sig, codegen
 
 
-@njit(cache=True, parallel=True)
+_LAUNCHED = []
+
+
+def launch():
+    """Start Numba's threading layer (once; it registers the symbols ``parallel_tasks`` calls)."""
+    if not _LAUNCHED:
+        from numba.np.ufunc.parallel import _launch_threads
+        _launch_threads()
+        _LAUNCHED.append(True)
+
+
+@njit(cache=True, nogil=True)
 def _drive(addr, T, sz, a, b, c, d, e, f, g, u, v):
-    """The one parallel loop: tasks [0, T) of the kernel at ``addr``, spread over threads."""
-    kernel = _task_at(addr, a)
-    for t in prange(T):
-        t0 = np.int64(t)                   # prange's index is unsigned; the kernel takes int64
-        kernel(t0, t0 + 1, sz, a, b, c, d, e, f, g, u, v)
+    """The one driver: tasks [0, T) of the kernel at ``addr``, spread over Numba's threads."""
+    parallel_tasks(addr, T, (sz, a, b, c, d, e, f, g, u, v))
 
 
 def flat(a: np.ndarray) -> np.ndarray:
@@ -99,6 +167,7 @@ def run_tasks(kernel: Callback, T: int, sizes, arrays=(), doubles=()) -> None:
         kernel.py_func(0, T, ints, *f, *d)
         return
     addr = kernel.address(dtype)
+    launch()
     if helper_running():        # a compile helper holds a core (a first step on an empty cache)
         threads = numba.get_num_threads()
         numba.set_num_threads(1)
