@@ -38,6 +38,7 @@ import numba
 import numpy as np
 from numba import njit
 
+from .blas import gemm
 from .epilogue import act_grad, apply_act, consts
 from .tasks import run_tasks, stat_parts, stat_views, sum_parts, task_kernel
 
@@ -256,7 +257,7 @@ def _pointwise_fwd_tasks(t0, t1, sz, x, wt, y, _d, _e, _f, _g, st, _v):
         lo, hi = t * P // T, (t + 1) * P // T
         for r0 in range(lo, hi, R):
             r1 = min(hi, r0 + R)
-            np.dot(x[r0:r1], wt, y[r0:r1])
+            gemm(x[r0:r1], wt, y[r0:r1])
             if stats:
                 _band_stats(y, r0, r1, cnt[t], mean[t], m2[t])
 
@@ -288,8 +289,8 @@ def _pointwise_bwd_tasks(t0, t1, sz, x, y, dz, w, kc, dx, _g, bc, part):
             band = dyb[:r1 - r0]
             _dy_rows(y, dz, r0, r1, bc, act, mode, M, kc, band)
             if need_dx:
-                np.dot(band, w, dx[r0:r1])
-            np.dot(band.T, x[r0:r1], tmp)
+                gemm(band, w, dx[r0:r1])
+            gemm(band.T, x[r0:r1], tmp)
             for k in range(K):
                 for c in range(C):
                     acc[k, c] += tmp[k, c]

@@ -27,9 +27,9 @@ process: 15.7-18.3 s before, 13.4-16.1 s after; benchmarks/README.md). ``pointwi
 
 from __future__ import annotations
 
-import numpy as np
 from numba import njit
 
+from .blas import gemm
 from .epilogue import HARDSIGMOID, apply_act
 
 
@@ -69,7 +69,7 @@ def pointwise(x, w, b, act, kc, out, res):
     One single-threaded sgemm (BLAS through SciPy's cython_blas) then the epilogue on the rows
     just written, while they are in cache.
     """
-    np.dot(x, w, out)
+    gemm(x, w, out)
     bias_act(out, b, act, kc)
     if res.shape[0]:
         P, K = out.shape
@@ -190,7 +190,7 @@ def conv_rows(x, w, b, geom, act, kc, o0, o1, cols, out):
                         for j in range(jhi, Wo):
                             seg[j] = z
         band = out[r0:r1].reshape(L, K)
-        np.dot(ct.T, w, band)
+        gemm(ct.T, w, band)
         bias_act(band, b, act, kc)
 
 
@@ -212,10 +212,10 @@ def se_gate(pool, count, w1, b1, w2, b2, kc, h, g):
     for c in range(C):
         g[c] = pool[c] / count                     # the mean, in the data's dtype
     S = h.shape[0]
-    np.dot(w1, g.reshape(C, 1), h.reshape(S, 1))  # matrix x (C, 1): the one GEMM signature
+    gemm(w1, g.reshape(C, 1), h.reshape(S, 1))  # matrix x (C, 1): the one GEMM signature
     for q in range(S):
         h[q] = apply_act(h[q] + b1[q], 1, z, three, six)
-    np.dot(w2, h.reshape(S, 1), g.reshape(C, 1))
+    gemm(w2, h.reshape(S, 1), g.reshape(C, 1))
     for c in range(C):
         g[c] = apply_act(g[c] + b2[c], HARDSIGMOID, z, three, six)
 
@@ -225,7 +225,7 @@ def linear_rows(w, xt, b, act, kc, r0, r1, out):
     """Rows [r0, r1) of a linear layer for a batch stored feature-major: out (O, N) =
     act(w (O, I) @ xt (I, N) + b). Splitting O between threads splits the weights, which
     dominate the traffic at batch 1."""
-    np.dot(w[r0:r1], xt, out[r0:r1])
+    gemm(w[r0:r1], xt, out[r0:r1])
     z, three, six = kc[0], kc[1], kc[2]
     N = out.shape[1]
     for o in range(r0, r1):
