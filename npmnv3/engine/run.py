@@ -202,8 +202,9 @@ def classifier_rows(layer, wb, fc, kc, xt, out, r0, r1):
 
 # ----------------------------------------------------------------------------- drivers
 #
-# One parallel loop in the whole engine (``forward``): a list of phases, each run by T tasks
-# (one per thread). Phases: IMAGES (task c runs whole images), or per step EXPAND (``F_PRE``
+# One driver for the whole engine (``forward``): a list of phases, each run by T tasks (one
+# per thread, started on Numba's threading layer by ``tasks.parallel_tasks``; a phase ends
+# before the next starts). Phases: IMAGES (task c runs whole images), or per step EXPAND (``F_PRE``
 # blocks: pixels [cn/T, (c+1)n/T) of the expansion, into thread 0's E, which every task then
 # reads), FRONT (rows / pixels of stem, [expand +] depthwise [+ projection], last conv), BACK
 # (SE blocks: each task sums the tasks' squeeze partials, computes the gate -- a few us, done
@@ -310,12 +311,14 @@ def task(c0, c1, steps, ph, i, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, tra
 # Numba links a callee's machine code into every caller that calls it directly, and optimises
 # and emits the linked module again at each level: the kernels, ``block_front``..., ``task``,
 # the parallel loop's body and ``forward`` each held a copy of the whole engine, and an empty
-# cache spent ~28 s there (17 s once ``task`` alone was a callback, ~12.5 s now). So three
+# cache spent ~28 s there (17 s once ``task`` alone was a callback, ~12.5 s later). So the
 # levels are compiled once each, as C callbacks (``cfunc``, one per dtype) called through
 # pointers: the step functions (``stem_rows``, ``block_front``, ``block_gate``, ``block_back``,
 # ``conv1_pixels``, ``classifier_rows``; each links only its own kernels), ``task`` (which
-# receives the steps' addresses as arguments, so it holds no copy of
-# them), and ``forward``'s parallel loop (which receives ``task``'s). Addresses travel as
+# receives the steps' addresses as arguments, so it holds no copy of them), and ``forward``
+# (a plain dispatcher, since Python calls it with arrays; it receives ``task``'s address and
+# hands it to the threading layer: no ``prange``, whose gufunc took 1.3-1.5 s to compile for
+# this one loop, 0.4-0.6 s now). Addresses travel as
 # arguments (the steps' in an int64 array, ``step_function`` turns one back into a callable),
 # never as globals, so every level stays cacheable, and ``forward`` has one
 # signature per dtype. A call through a pointer costs nanoseconds; there are a few per step.

@@ -10,7 +10,7 @@ compiled ahead, elsewhere.
 Numba compiles under one global lock, on one core. On an empty cache a first training step or a
 first prediction spends most of its time there, with the other core idle. ``compile_ahead``
 hands the list of callbacks a program is about to need, in the order it will need them (a
-training step's eleven loops; the engine's seven callbacks and its parallel loop), to one
+training step's eleven loops; the engine's seven callbacks and its driver), to one
 helper process,
 ``python -m npmnv3.kernels.callbacks DTYPE NAME...``, which compiles them into Numba's on-disk
 cache and exits. The two processes split the list from its two ends: the helper works from the
@@ -93,10 +93,10 @@ class Callback:
 
 
 class Warmup(Callback):
-    """A Numba dispatcher (a ``parallel=True`` function cannot be a C callback) handled like a
-    callback: ``call(dtype)`` calls it once with arguments of the program's types that do no
-    work, which compiles it into the cache (or loads it). ``arg``: the position of an array
-    argument of the data's dtype, to read the cache's index."""
+    """A Numba dispatcher (a function Python calls with arrays, which a C callback cannot
+    take) handled like a callback: ``call(dtype)`` calls it once with arguments of the
+    program's types that do no work, which compiles it into the cache (or loads it). ``arg``:
+    the position of an array argument of the data's dtype, to read the cache's index."""
 
     def __init__(self, dispatcher, call, arg):
         super().__init__(dispatcher.py_func, None)

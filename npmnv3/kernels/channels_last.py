@@ -11,7 +11,7 @@ the channel index innermost, so LLVM vectorises them over channels whatever the 
 
 Each kernel is a serial Numba loop over a range of tasks, spread over threads by
 ``tasks.run_tasks`` (why not ``prange``: see ``tasks.py``); a GEMM inside a task is a
-single-threaded BLAS call (``np.dot`` -> SciPy's cython_blas; the callers hold
+single-threaded BLAS call (``blas.gemm`` -> SciPy's cython_blas; the callers hold
 ``threads.single_threaded_blas()``), so the two pools of a 2-core machine never fight.
 
 Batch norm rides along (``bc``, ``mode``): the forward convolutions also return the batch

@@ -75,8 +75,8 @@ def parallel_tasks(typingctx, addr, T, args):
     ``args[0]``; with ``args[0] = 0`` and a step of 1 that pointer *is* the index. ``data``
     points to (addr, args) in this frame. Needs ``launch()`` before the caller is compiled or
     loaded (it registers ``numba_parallel_for`` and ``get_num_threads``), and a caller that
-    does not hold the GIL (``nogil=True``): a worker may need it (Numba's ``np.dot`` looks its
-    BLAS function up through Python on its first call) while the caller waits for it."""
+    does not hold the GIL (``nogil=True``): a worker may need it (Numba's BLAS entry point
+    looks ``sgemm`` up through Python on its first call) while the caller waits for it."""
     if not (isinstance(args, types.BaseTuple) and isinstance(addr, types.Integer)
             and isinstance(T, types.Integer)):
         return None

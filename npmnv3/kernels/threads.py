@@ -1,7 +1,7 @@
 """Who owns the cores: one thread pool at a time, whatever was imported first.
 
 Two pools share the two cores of a small machine: Numba's (OpenMP) for our loops and the BLAS
-threads of OpenBLAS (NumPy ships one copy, SciPy another; Numba's ``np.dot`` calls SciPy's). An
+threads of OpenBLAS (NumPy ships one copy, SciPy another; Numba's BLAS calls go to SciPy's). An
 OpenBLAS worker spins for a while after each multiply, and a Numba worker spins after each
 parallel loop; when they alternate on the same cores each waits for the other's time slice
 (~8 ms per switch measured here, ``benchmarks/README.md``). The environment variables that tune
@@ -36,7 +36,7 @@ def controller():
     the BLAS that Numba calls (SciPy's) so that the controller sees it."""
     global _CONTROLLER
     if _CONTROLLER is None:
-        import scipy.linalg.cython_blas  # noqa: F401  (the BLAS behind Numba's np.dot)
+        import scipy.linalg.cython_blas  # noqa: F401  (the BLAS behind Numba's and blas.gemm)
         from threadpoolctl import ThreadpoolController
         _CONTROLLER = ThreadpoolController()
     return _CONTROLLER
