@@ -55,7 +55,8 @@ COUNT_TASKS = tasks.task_kernel(_count_tasks)
 def test_parallel_tasks_runs_every_task_once_on_the_threads(T):
     """``parallel_tasks`` (no prange): each task of [0, T) runs exactly once, whatever the
     thread count; with two threads and two or more tasks both threads take part, with one
-    thread only thread 0 does."""
+    thread only thread 0 does; the caller's thread count is what it was (it sets the engine's
+    task count, and results depend on that)."""
     before = numba.get_num_threads()
     try:
         for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
@@ -64,6 +65,7 @@ def test_parallel_tasks_runs_every_task_once_on_the_threads(T):
             tasks.run_tasks(COUNT_TASKS, T, [0], [a], [ids])
             np.testing.assert_array_equal(a, [1.0] * T + [0.0])
             assert set(ids[:T]) == set(range(min(T, threads)))
+            assert numba.get_num_threads() == threads        # the caller's setting is kept
     finally:
         numba.set_num_threads(before)
 

@@ -63,8 +63,10 @@ def task_kernel(py_func) -> Callback:
 
 @intrinsic
 def parallel_tasks(typingctx, addr, T, args):
-    """``kernel(t0, t1, *args)`` over tasks [0, T) on min(T, ``numba.get_num_threads()``)
-    threads of Numba's threading layer, the kernel a C callback at address ``addr`` (int64)
+    """``kernel(t0, t1, *args)`` over tasks [0, T) on the ``numba.get_num_threads()`` threads
+    of Numba's threading layer (as a ``prange`` loop: the layer sets every thread's own
+    setting to the count it is given, so passing fewer, min(T, threads), left the caller's
+    thread count at 1 after a one-task call), the kernel a C callback at address ``addr`` (int64)
     taking two int64 then the members of the tuple ``args``; every task ends before this
     returns.
 
@@ -119,9 +121,6 @@ def parallel_tasks(typingctx, addr, T, args):
         get_num_threads = cgutils.get_or_insert_function(mod, ir.FunctionType(intp, []),
                                                          "get_num_threads")
         threads = builder.call(get_num_threads, [])     # this thread's setting, as prange's
-        threads = builder.select(builder.icmp_signed("<", llargs[1], threads), llargs[1],
-                                 threads)
-        threads = builder.select(builder.icmp_signed("<", threads, intp(1)), intp(1), threads)
         builder.call(parallel_for, [builder.bitcast(v, i8p) for v in (worker, base, dims, steps, d)]
                      + [intp(0), intp(1), threads])
         return context.get_dummy_value()
