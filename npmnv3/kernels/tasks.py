@@ -12,10 +12,11 @@ Why not a ``prange``: a ``parallel=True`` function is compiled as a separate "gu
 the loop body, then the function around it, and LLVM optimises the body's code again at each
 level; the fourteen training loops written that way took ~33 s of a first training step on an
 empty Numba cache (``benchmarks/bench_train.py --start``). Serial callbacks compile once each.
-Even one ``prange`` loop that only calls a kernel through its address cost 1.1-1.5 s to compile
+Even one ``prange`` loop that only calls a kernel through its address cost 0.6-1.5 s to compile
 (its gufunc passes every array argument piece by piece), so neither path has one:
 ``parallel_tasks`` hands the threading layer's ``parallel_for`` (the entry point ``prange``
-loops are lowered to) a 12-line worker of its own, and compiles in ~0.1 s. Python threads
+loops are lowered to) a worker of its own, a loop of a few LLVM instructions; ``_drive``
+compiles in ~0.2 s (benchmarks/README.md, "No prange"). Python threads
 instead of Numba's were measured too: a hand-off costs ~130 us on this VM (Numba's: ~4 us), and
 a training step makes a few hundred kernel calls.
 
