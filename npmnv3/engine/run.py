@@ -318,7 +318,7 @@ def task(c0, c1, steps, ph, i, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, tra
 # receives the steps' addresses as arguments, so it holds no copy of them), and ``forward``
 # (a plain dispatcher, since Python calls it with arrays; it receives ``task``'s address and
 # hands it to the threading layer: no ``prange``, whose gufunc took 1.3-1.5 s to compile for
-# this one loop, 0.4-0.6 s now). Addresses travel as
+# this one loop, 0.4-0.7 s now). Addresses travel as
 # arguments (the steps' in an int64 array, ``step_function`` turns one back into a callable),
 # never as globals, so every level stays cacheable, and ``forward`` has one
 # signature per dtype. A call through a pointer costs nanoseconds; there are a few per step.

@@ -36,7 +36,7 @@ def controller():
     the BLAS that Numba calls (SciPy's) so that the controller sees it."""
     global _CONTROLLER
     if _CONTROLLER is None:
-        import scipy.linalg.cython_blas  # noqa: F401  (the BLAS behind Numba's and blas.gemm)
+        import scipy.linalg.cython_blas  # noqa: F401  (the BLAS behind np.dot and blas.gemm)
         from threadpoolctl import ThreadpoolController
         _CONTROLLER = ThreadpoolController()
     return _CONTROLLER
