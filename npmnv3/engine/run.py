@@ -227,83 +227,82 @@ def copy(dst, src, n):
         dst[i] = src[i]
 
 
-def task(c0, c1, steps, ph, i, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs,
+def task(c, c_end, steps, ph, i, T, tab, wb, kc, fc, xs, ws, sc, pools, sizes, trace, toffs,
          feats, pooled_t, hidden_t, logits_t, n0):
-    """Tasks [c0, c1) of T of phase ``ph`` (of step i; image n0 in band phases): one task per
-    call with OpenMP (``tasks.parallel_tasks``). Every kernel is called from one place only,
-    for the whole-image (IMAGES) and the band phases alike. ``steps``: the addresses of the
-    step functions above, compiled as C callbacks (``compiled``)."""
+    """Task c of T of phase ``ph`` (of step i; image n0 in band phases); ``c_end`` is c + 1
+    (``tasks.parallel_tasks`` calls one task at a time). Every kernel is called from one place
+    only, for the whole-image (IMAGES) and the band phases alike. ``steps``: the addresses of
+    the step functions above, compiled as C callbacks (``compiled``)."""
     stem_rows, block_front = step_function(steps[0], 0, wb), step_function(steps[1], 1, wb)
     block_gate, block_back = step_function(steps[2], 2, wb), step_function(steps[3], 3, wb)
     conv1_pixels, classifier_rows = step_function(steps[4], 4, wb), step_function(steps[5], 5, wb)
     act, dw, band, nacc, chan, sq = sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5]
+    s = sc[c]
+    E, acc, h = s[:band], s[band:band + nacc], s[band + nacc:band + nacc + sq]
+    g = s[band + nacc + sq:band + nacc + sq + chan]
     E0 = sc[0, :band]                       # EXPAND phases: the expansion all tasks read
-    for c in range(c0, c1):
-        s = sc[c]
-        E, acc, h = s[:band], s[band:band + nacc], s[band + nacc:band + nacc + sq]
-        g = s[band + nacc + sq:band + nacc + sq + chan]
-        if ph == IMAGES:
-            wsl = ws[c]
-            n_lo, n_hi, share = c * xs.shape[0] // T, (c + 1) * xs.shape[0] // T, 1
-            j_lo, j_hi = (0, tab.shape[0]) if i < 0 else (i, i + 1)     # all steps, or step i
-        elif ph <= RECORD:
-            wsl = ws[0]
-            n_lo, n_hi, j_lo, j_hi, share = n0, n0 + 1, i, i + 1, T
-        else:
-            xt = pooled_t if ph == CLS0 else hidden_t
-            out = hidden_t if ph == CLS0 else logits_t
-            O = out.shape[0]
-            classifier_rows(ph - CLS0, wb, fc, kc, xt, out, c * O // T, (c + 1) * O // T)
-            continue
-        a0, a1, D = wsl[:act], wsl[act:2 * act], wsl[2 * act:2 * act + dw]
-        pool = pools[c]
-        for n in range(n_lo, n_hi):
-            for j in range(j_lo, j_hi):
-                t = tab[j]
-                x, y = (a1, a0) if j % 2 == 0 else (a0, a1)
-                kind, se = t[F_KIND], t[F_SE]
-                rows = t[F_HO] * t[F_WO] if kind == CONV1 else t[F_HO]
-                pixels = t[F_HO] * t[F_WO]
-                size = pixels * t[F_COUT]
-                whole = ph == IMAGES
-                part = np.int64(0) if whole else np.int64(c)   # this task's share of the step
-                Et = E0 if t[F_PRE] and not whole else E    # where an F_PRE block's expansion is
-                if ph == EXPAND or whole and kind == BLOCK and t[F_PRE]:
-                    hw = t[F_H] * t[F_W]                    # (its pixels split over the tasks)
-                    conv1_pixels(t, wb, x, Et, pool, kc, part * hw // share,
-                                 (part + 1) * hw // share)
-                if whole or ph == FRONT:
-                    lo, hi = part * rows // share, (part + 1) * rows // share
-                    fill(pool, 0.0)                     # this task's SE / pool partial sums
-                    if kind == STEM:
-                        stem_rows(t, wb, xs[n], y, acc, kc, lo, hi)
-                    elif kind == BLOCK:
-                        block_front(t, wb, x, y, D, Et, acc, pool if se else pool[:0], kc, lo, hi)
-                    else:
-                        conv1_pixels(t, wb, x, y, pool, kc, lo, hi)
-                if whole or (ph == GATE and c == 0):    # the last conv's average pool
-                    if not whole:
-                        for k in range(1, T):
-                            for q in range(pools.shape[1]):
-                                pools[0, q] += pools[k, q]
-                    if kind == BLOCK and se:
-                        block_gate(t, wb, pool, kc, h, g)
-                    elif kind == CONV1:
-                        copy(feats[n], y, feats.shape[1])
-                        for q in range(t[F_COUT]):
-                            pooled_t[q, n] = pool[q] / pixels
-                if (whole or ph == BACK) and kind == BLOCK and se:
-                    if not whole:                       # every task sums the partials itself and
-                        tot = pools[T + c]              # computes the gate: no serial phase
-                        fill(tot, 0.0)
-                        for k in range(T):
-                            for q in range(pools.shape[1]):
-                                tot[q] += pools[k, q]
-                        block_gate(t, wb, tot, kc, h, g)
-                    block_back(t, wb, x, y, D, g, kc, part * pixels // share,
-                               (part + 1) * pixels // share)
-                if trace.shape[0] and (whole or ph == RECORD and c == 0):
-                    copy(trace[toffs[j] + n * size:], y, size)
+    if ph == IMAGES:
+        wsl = ws[c]
+        n_lo, n_hi, share = c * xs.shape[0] // T, (c + 1) * xs.shape[0] // T, 1
+        j_lo, j_hi = (0, tab.shape[0]) if i < 0 else (i, i + 1)     # all steps, or step i
+    elif ph <= RECORD:
+        wsl = ws[0]
+        n_lo, n_hi, j_lo, j_hi, share = n0, n0 + 1, i, i + 1, T
+    else:
+        xt = pooled_t if ph == CLS0 else hidden_t
+        out = hidden_t if ph == CLS0 else logits_t
+        O = out.shape[0]
+        classifier_rows(ph - CLS0, wb, fc, kc, xt, out, c * O // T, (c + 1) * O // T)
+        return
+    a0, a1, D = wsl[:act], wsl[act:2 * act], wsl[2 * act:2 * act + dw]
+    pool = pools[c]
+    for n in range(n_lo, n_hi):
+        for j in range(j_lo, j_hi):
+            t = tab[j]
+            x, y = (a1, a0) if j % 2 == 0 else (a0, a1)
+            kind, se = t[F_KIND], t[F_SE]
+            rows = t[F_HO] * t[F_WO] if kind == CONV1 else t[F_HO]
+            pixels = t[F_HO] * t[F_WO]
+            size = pixels * t[F_COUT]
+            whole = ph == IMAGES
+            part = np.int64(0) if whole else np.int64(c)   # this task's share of the step
+            Et = E0 if t[F_PRE] and not whole else E    # where an F_PRE block's expansion is
+            if ph == EXPAND or whole and kind == BLOCK and t[F_PRE]:
+                hw = t[F_H] * t[F_W]                    # (its pixels split over the tasks)
+                conv1_pixels(t, wb, x, Et, pool, kc, part * hw // share,
+                             (part + 1) * hw // share)
+            if whole or ph == FRONT:
+                lo, hi = part * rows // share, (part + 1) * rows // share
+                fill(pool, 0.0)                     # this task's SE / pool partial sums
+                if kind == STEM:
+                    stem_rows(t, wb, xs[n], y, acc, kc, lo, hi)
+                elif kind == BLOCK:
+                    block_front(t, wb, x, y, D, Et, acc, pool if se else pool[:0], kc, lo, hi)
+                else:
+                    conv1_pixels(t, wb, x, y, pool, kc, lo, hi)
+            if whole or (ph == GATE and c == 0):    # the last conv's average pool
+                if not whole:
+                    for k in range(1, T):
+                        for q in range(pools.shape[1]):
+                            pools[0, q] += pools[k, q]
+                if kind == BLOCK and se:
+                    block_gate(t, wb, pool, kc, h, g)
+                elif kind == CONV1:
+                    copy(feats[n], y, feats.shape[1])
+                    for q in range(t[F_COUT]):
+                        pooled_t[q, n] = pool[q] / pixels
+            if (whole or ph == BACK) and kind == BLOCK and se:
+                if not whole:                       # every task sums the partials itself and
+                    tot = pools[T + c]              # computes the gate: no serial phase
+                    fill(tot, 0.0)
+                    for k in range(T):
+                        for q in range(pools.shape[1]):
+                            tot[q] += pools[k, q]
+                    block_gate(t, wb, tot, kc, h, g)
+                block_back(t, wb, x, y, D, g, kc, part * pixels // share,
+                           (part + 1) * pixels // share)
+            if trace.shape[0] and (whole or ph == RECORD and c == 0):
+                copy(trace[toffs[j] + n * size:], y, size)
 
 
 # ----------------------------------------------------------------------------- compilation
