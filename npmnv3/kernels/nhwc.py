@@ -20,9 +20,9 @@ Compile time: Numba compiles a called ``njit`` function on its own (to machine c
 and then optimises and emits it again inside each caller it is linked into. The kernels that
 one engine step alone calls (``conv_rows`` and its ``im2col_row``, ``se_gate``,
 ``scale_channels``, ``linear_rows``) are therefore ``inline="always"``: Numba inlines their
-code when it compiles the step, and
-they are compiled once, inside it (the engine's whole compile on an empty cache, in one
-process: 15.7-18.3 s before, 13.4-16.1 s after; benchmarks/README.md). ``pointwise`` and
+code when it compiles the step, and they are compiled once, inside it (the engine's whole
+compile on an empty cache, in one process: 15.7-18.3 s before, 13.4-16.1 s after;
+benchmarks/README.md). ``pointwise`` and
 ``bias_act`` are shared by several steps, and inlining ``depthwise_rows`` measured no gain.
 """
 
