@@ -75,7 +75,12 @@ class Plan:
         self.steps = []                    # (row template: dict of F_* -> value, module name)
         feats = model.features
         stem = feats[0]
-        w, b = fold_conv_bn(model, stem)                       # (K, 3, k, k)
+        geom = (stem.k, stem.stride, stem.padding, stem.dilation)
+        if geom != (3, 2, 1, 1):        # torchvision's first conv; nhwc.conv_rows has no other
+            raise ValueError(f"the engine's stem is a 3x3 conv, stride 2, padding 1, dilation "
+                             f"1 (torchvision's); {stem.name} has (kernel, stride, padding, "
+                             f"dilation) = {geom}")
+        w, b = fold_conv_bn(model, stem)                       # (K, 3, 3, 3)
         K = w.shape[0]
         self.steps.append(({F_KIND: STEM, F_CIN: stem.cin, F_COUT: K, F_K: stem.k,
                             F_S: stem.stride, F_P: stem.padding, F_D: stem.dilation,

@@ -154,11 +154,13 @@ def depthwise_rows(src, lo, w, b, geom, act, kc, o0, o1, acc, out, pool):
 
 @njit(cache=True, inline="always")
 def conv_rows(x, w, b, geom, act, kc, o0, o1, cols, out):
-    """Dense conv of a few-channel NCHW image (the 3-channel stem) into NHWC, rows [o0, o1).
+    """The stem: a dense 3x3 conv, stride 2, padding 1 (torchvision's first conv, the only
+    geometry it has; ``engine.plan`` refuses any other) of a few-channel NCHW image into
+    NHWC, output rows [o0, o1).
 
-    x (C, H, W) one image; w (C*k*k, K) with row (c*k + u)*k + v; out (Ho, Wo, K). By bands
-    of rows that fit the scratch ``cols`` (flat): im2col transposed, colsT (C*k*k, rows*Wo),
-    one contiguous segment per tap and row (zeros outside the image), then one GEMM
+    x (C, H, W) one image; w (C*9, K) with row (c*3 + u)*3 + v; out (Ho, Wo, K). By bands
+    of rows that fit the scratch ``cols`` (flat): im2col transposed, colsT (C*9, rows*Wo), one
+    contiguous segment per tap and row (zeros outside the image), then one GEMM
     out_band (rows*Wo, K) = colsT.T @ w and the epilogue on the band while it is in cache.
     """
     H, W, Ho, Wo, k, s, p, d = geom
@@ -170,61 +172,48 @@ def conv_rows(x, w, b, geom, act, kc, o0, o1, cols, out):
         L = (r1 - r0) * Wo
         ct = cols[:CKK * L].reshape(CKK, L)
         for c in range(C):
-            for u in range(k):
+            for u in range(3):
                 for i in range(r0, r1):
-                    im2col_row(x[c], i * s - p + u * d, geom, kc[0], ct, (c * k + u) * k,
-                               (i - r0) * Wo)
+                    im2col_row(x[c], 2 * i - 1 + u, kc[0], ct, (c * 3 + u) * 3, (i - r0) * Wo,
+                               Wo)
         band = out[r0:r1].reshape(L, K)
         gemm(ct.T, w, band)
         bias_act(band, b, act, kc)
 
 
 @njit(cache=True, inline="always")
-def im2col_row(x, ii, geom, z, ct, r, q0):
-    """ct[r + v, q0 + j] = x[ii, j*s - p + v*d] for the k taps v of one kernel row (ii: the
-    input row it reads) and the Wo output columns j, z outside the image. x (H, W) one channel.
+def im2col_row(x, ii, z, ct, r, q0, Wo):
+    """ct[r + v, q0 + j] = x[ii, 2j - 1 + v] for the three taps v of one kernel row (ii: the
+    input row it reads) and the Wo output columns j, z outside the image; x (H, W) one channel.
 
-    The stem's geometry (k = 3, stride 2, padding 1; torchvision's first conv) reads columns
-    2j - 1, 2j, 2j + 1: one pass over the row's column pairs (2q, 2q + 1) writes all three
-    segments with contiguous stores (5x faster than three strided gathers, benchmarks/README.md);
-    any other geometry copies tap by tap.
+    Taps v = 0, 1, 2 read columns 2j - 1, 2j, 2j + 1, so one pass over the row's column pairs
+    (2q, 2q + 1) writes all three segments with contiguous stores: 5x faster than a strided
+    copy per tap (benchmarks/README.md, "The stem's im2col").
     """
-    H, W, Ho, Wo, k, s, p, d = geom
+    H, W = x.shape
+    s0, s1, s2 = ct[r, q0:q0 + Wo], ct[r + 1, q0:q0 + Wo], ct[r + 2, q0:q0 + Wo]
     if ii < 0 or ii >= H:
-        for v in range(k):
-            row = ct[r + v, q0:q0 + Wo]
-            for j in range(Wo):
-                row[j] = z
+        for j in range(Wo):
+            s0[j] = z
+            s1[j] = z
+            s2[j] = z
         return
     xr = x[ii]
-    if k == 3 and s == 2 and p == 1 and d == 1:
-        s0, s1, s2 = ct[r, q0:q0 + Wo], ct[r + 1, q0:q0 + Wo], ct[r + 2, q0:q0 + Wo]
-        nh = W // 2
-        m = min(nh, Wo - 1)                  # pairs whose odd column also feeds s0[q + 1]
-        s0[0] = z
-        for q in range(m):
-            e = xr[2 * q]
-            o = xr[2 * q + 1]
-            s1[q] = e
-            s2[q] = o
-            s0[q + 1] = o
-        for q in range(m, nh):               # even W: the last pair (no s0 beyond Wo)
-            s1[q] = xr[2 * q]
-            s2[q] = xr[2 * q + 1]
-        if W % 2:                            # odd W: the last column has no right neighbour
-            s1[Wo - 1] = xr[W - 1]
-            s2[Wo - 1] = z
-        return
-    for v in range(k):
-        row = ct[r + v, q0:q0 + Wo]
-        off = v * d - p
-        jlo, jhi = col_range(off, s, W, Wo)
-        for j in range(jlo):
-            row[j] = z
-        for j in range(jlo, jhi):
-            row[j] = xr[j * s + off]
-        for j in range(jhi, Wo):
-            row[j] = z
+    nh = W // 2
+    m = min(nh, Wo - 1)                  # pairs whose odd column also feeds s0[q + 1]
+    s0[0] = z
+    for q in range(m):
+        e = xr[2 * q]
+        o = xr[2 * q + 1]
+        s1[q] = e
+        s2[q] = o
+        s0[q + 1] = o
+    for q in range(m, nh):               # even W: the last pair (no s0 beyond Wo)
+        s1[q] = xr[2 * q]
+        s2[q] = xr[2 * q + 1]
+    if W % 2:                            # odd W: the last column has no right neighbour
+        s1[Wo - 1] = xr[W - 1]
+        s2[Wo - 1] = z
 
 
 @njit(cache=True, inline="always")
