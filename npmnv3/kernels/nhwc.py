@@ -22,8 +22,8 @@ one engine step alone calls (``conv_rows`` and its ``im2col_row``, ``se_gate``,
 ``scale_channels``, ``linear_rows``) are therefore ``inline="always"``: Numba inlines their
 code when it compiles the step, and they are compiled once, inside it (the engine's whole
 compile on an empty cache, in one process: 15.7-18.3 s before, 13.4-16.1 s after;
-benchmarks/README.md). ``pointwise`` and
-``bias_act`` are shared by several steps, and inlining ``depthwise_rows`` measured no gain.
+benchmarks/README.md). ``pointwise`` and ``bias_act`` are shared by several steps, and
+inlining ``depthwise_rows`` measured no gain.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def conv_rows(x, w, b, geom, act, kc, o0, o1, cols, out):
     contiguous segment per tap and row (zeros outside the image), then one GEMM
     out_band (rows*Wo, K) = colsT.T @ w and the epilogue on the band while it is in cache.
     """
-    H, W, Ho, Wo, k, s, p, d = geom
+    Wo = geom[3]                          # (the kernel, stride and padding are fixed)
     C = x.shape[0]
     CKK, K = w.shape
     R = max(1, cols.shape[0] // (CKK * Wo))
