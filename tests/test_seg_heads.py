@@ -78,6 +78,7 @@ def test_lraspp_head(dtype, training):
 
     rng = np.random.default_rng(0)
     low, high = randn(rng, (2, 40, 9, 7), np.float64), randn(rng, (2, 960, 5, 4), np.float64)
+    torch.manual_seed(1)                # the conv weights: the same whatever ran before
     check_head(torch, LRASPPHead(40, 960, 21), TV(40, 960, 21, 128), [low, high], dtype,
                training, seed=1)
 
@@ -89,6 +90,7 @@ def test_deeplab_head(dtype, training):
     from torchvision.models.segmentation.deeplabv3 import DeepLabHead as TV
 
     x = randn(np.random.default_rng(2), (2, 960, 5, 3), np.float64)
+    torch.manual_seed(3)                # the conv weights: the same whatever ran before
     check_head(torch, DeepLabHead(960, 21), TV(960, 21), [x], dtype, training, seed=3)
 
 
@@ -99,6 +101,7 @@ def test_fcn_head(dtype, training):
     from torchvision.models.segmentation.fcn import FCNHead as TV
 
     x = randn(np.random.default_rng(4), (2, 40, 9, 7), np.float64)
+    torch.manual_seed(5)                # the conv weights: the same whatever ran before
     check_head(torch, FCNHead(40, 21), TV(40, 21), [x], dtype, training, seed=5)
 
 
